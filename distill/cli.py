@@ -1,0 +1,86 @@
+"""The `distill` command line. User errors print one line and exit non-zero, no traceback."""
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from distill.errors import DistillError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Knowledge distillation of language models.")
+
+
+@app.command()
+def train(
+    config: Annotated[str | None, typer.Argument(help="Run config YAML.")] = None,
+    overrides: Annotated[list[str] | None, typer.Argument(help="Dotted overrides: train.steps=300")] = None,
+    resume: Annotated[str | None, typer.Option(help="Continue the run in this directory.")] = None,
+    no_eval: Annotated[bool, typer.Option("--no-eval", help="Skip the held-out evaluation.")] = False,
+):
+    """Train a student (logit KD, or labels only with objective.alpha=0)."""
+    from distill.config import load_config
+    from distill.errors import ConfigError
+    from distill.runner import run_training
+
+    if resume is not None:
+        # `distill train --resume RUN_DIR [overrides]`: the run's own resolved config.
+        if config is not None:
+            overrides = [config, *(overrides or [])]
+        cfg = load_config(Path(resume) / "config.yaml", overrides or [])
+        if Path(cfg.out_dir).resolve() != Path(resume).resolve():
+            cfg.out_dir = str(resume)
+    elif config is None:
+        raise ConfigError("give a run config YAML, or --resume RUN_DIR")
+    else:
+        cfg = load_config(config, overrides or [])
+    result = run_training(cfg, resume=resume is not None, evaluate=not no_eval)
+    typer.echo(json.dumps(result, indent=2))
+
+
+@app.command()
+def eval(
+    path: Annotated[str, typer.Argument(help="A run directory or a save_pretrained model folder.")],
+    config: Annotated[str | None, typer.Option(help="Run config for the data (default: the run's own).")] = None,
+):
+    """Evaluate a student on the held-out split and write eval.json."""
+    from distill.runner import run_eval
+
+    typer.echo(json.dumps(run_eval(path, config), indent=2))
+
+
+@app.command()
+def demo(
+    out: Annotated[str, typer.Option(help="Where the demo's runs go.")] = "distill-demo",
+    seed: Annotated[int, typer.Option(help="Seed of the students' training.")] = 0,
+):
+    """Offline end-to-end demo: teacher, logit-KD student, label-only student, one table."""
+    from distill.demo import run_demo
+
+    run_demo(Path(out), seed=seed)
+
+
+def main() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own progress display is enough
+    try:
+        app(standalone_mode=False)
+    except DistillError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    except (typer.Abort, KeyboardInterrupt):
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    except Exception as e:  # click usage errors arrive here in standalone_mode=False
+        import click
+
+        if isinstance(e, click.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        raise
+
+
+if __name__ == "__main__":
+    main()

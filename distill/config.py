@@ -1,0 +1,213 @@
+"""The run config: one YAML file, typed and validated, with dotted command-line overrides.
+
+    distill train run.yaml objective.alpha=0.7 train.steps=300
+
+An unknown key or a wrong type stops with one line that names the key path, what was
+expected and the nearest valid key (ConfigError, exit code 2), before anything is written.
+"""
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from distill.errors import ConfigError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
+
+
+class ModelConfig(Section):
+    """Where a model comes from: exactly one of `name` or `config`."""
+
+    name: str | None = None
+    """Hub id, local folder, path to a .gguf file, or 'packaged:smollm2-135m-instruct'."""
+    gguf_file: str | None = None
+    """A .gguf file inside the folder `name` (transformers' gguf_file argument)."""
+    config: dict[str, Any] | None = None
+    """An inline transformers config with `model_type` (random init; tests and the demo)."""
+    tokenizer: str | None = None
+    """Tokenizer source; None means the model's own; 'builtin' is the built-in task's."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """Weights dtype when loaded."""
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.name is None) == (self.config is None):
+            raise ValueError("give exactly one of 'name' (hub id, folder or .gguf) or 'config' (inline)")
+        return self
+
+
+class DataConfig(Section):
+    source: str = "builtin:chain"
+    """'builtin:chain' (the built-in task) or a JSONL file of {"prompt", "completion"} rows."""
+    eval_source: str | None = None
+    """For JSONL data: a held-out JSONL file (the built-in task has its own test split)."""
+    seed: int = 0
+    """Seed of the built-in task's problems and splits."""
+    n_train: int = 20000
+    """Training problems generated for the built-in task."""
+    n_test: int = 500
+    """Held-out problems for evaluation."""
+    min_ops: int = 3
+    """Fewest operations in a built-in problem."""
+    max_ops: int = 6
+    """Most operations in a built-in problem."""
+    max_length: int = 512
+    """Longest tokenized example; longer rows are an error naming the row."""
+
+
+class ObjectiveConfig(Section):
+    alpha: float = Field(0.5, ge=0.0, le=1.0)
+    """Weight of the distillation term: (1 - alpha) * task CE + alpha * T^2 * KL. 0 = labels only."""
+    temperature: float = Field(2.0, gt=0.0)
+    """Loss temperature T that softens both distributions (not a sampling temperature)."""
+
+
+class TrainConfig(Section):
+    steps: int = Field(300, ge=1)
+    """Optimizer steps."""
+    micro_batch_size: int = Field(32, ge=1)
+    """Examples per forward pass on each process."""
+    grad_accum: int = Field(1, ge=1)
+    """Micro-batches per optimizer step on each process."""
+    lr: float = Field(3e-3, gt=0.0)
+    """Peak learning rate of AdamW."""
+    min_lr_ratio: float = 0.1
+    """The cosine schedule ends at lr * min_lr_ratio."""
+    warmup_steps: int = 20
+    """Linear warmup steps before the cosine decay."""
+    weight_decay: float = 0.01
+    """AdamW weight decay."""
+    betas: tuple[float, float] = (0.9, 0.98)
+    """AdamW betas."""
+    max_grad_norm: float | None = 1.0
+    """Gradient clipping norm; null turns clipping off."""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """Autocast precision of the forward passes (weights and optimizer stay fp32)."""
+    seed: int = 0
+    """Seed of initialisation, data order and sampling."""
+    device: Literal["auto", "cpu"] = "auto"
+    """'auto': the accelerator when there is one (CUDA), else CPU; 'cpu' forces CPU."""
+    checkpoint_every: int = Field(0, ge=0)
+    """Save a checkpoint every N steps (0: only at the end)."""
+    keep_checkpoints: int = Field(2, ge=1)
+    """How many recent checkpoints to keep."""
+
+
+class EvalConfig(Section):
+    max_new_tokens: int = 48
+    """Tokens generated per held-out prompt (greedy)."""
+    batch_size: int = 128
+    """Prompts generated at once."""
+
+
+class RunConfig(Section):
+    student: ModelConfig
+    """The model being trained."""
+    teacher: ModelConfig | None = None
+    """The model imitated; required when objective.alpha > 0."""
+    data: DataConfig = DataConfig()
+    objective: ObjectiveConfig = ObjectiveConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    out_dir: str = "runs/run"
+    """The run directory."""
+
+    @model_validator(mode="after")
+    def _teacher_needed(self):
+        if self.objective.alpha > 0 and self.teacher is None:
+            raise ValueError("objective.alpha > 0 distils from a teacher, but no 'teacher' is configured")
+        return self
+
+
+def _valid_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    keys = []
+    for name, field in model.model_fields.items():
+        path = f"{prefix}{name}"
+        keys.append(path)
+        ann = field.annotation
+        for cand in getattr(ann, "__args__", (ann,)):
+            if isinstance(cand, type) and issubclass(cand, BaseModel):
+                keys += _valid_keys(cand, path + ".")
+    return keys
+
+
+def _explain(err: ValidationError, source: str) -> str:
+    e = err.errors()[0]
+    path = ".".join(str(p) for p in e["loc"] if not str(p).startswith("function-after"))
+    if e["type"] == "extra_forbidden":
+        near = difflib.get_close_matches(path, _valid_keys(RunConfig), n=1, cutoff=0.5)
+        hint = f" (did you mean '{near[0]}'?)" if near else ""
+        return f"{source}: unknown key '{path}'{hint}"
+    if e["type"] == "missing":
+        return f"{source}: missing required key '{path}'"
+    got = e.get("input")
+    where = f"'{path}': " if path else ""
+    msg = e["msg"].removeprefix("Value error, ")
+    if e["type"] == "value_error" or isinstance(got, dict):
+        return f"{source}: {where}{msg}"
+    return f"{source}: {where}expected {msg.lower().removeprefix('input should be ')}, got {got!r}"
+
+
+def apply_override(tree: dict, dotted: str) -> None:
+    """Set `a.b.c=value` in a nested dict; the value is parsed as YAML (numbers, lists, null)."""
+    if "=" not in dotted:
+        raise ConfigError(f"override '{dotted}' is not of the form key.path=value")
+    key, raw = dotted.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"override '{dotted}' has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    node = tree
+    for p in parts[:-1]:
+        nxt = node.get(p)
+        if nxt is None:
+            nxt = node[p] = {}
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"override '{dotted}': '{p}' is a value, not a section")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        tree = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{where}: malformed YAML ({problem})") from None
+    if tree is None:
+        tree = {}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(tree).__name__}")
+    return tree
+
+
+def build_config(tree: dict, source: str = "config") -> RunConfig:
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_explain(err, source)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Read a YAML run config, apply dotted overrides, validate. Raises ConfigError."""
+    tree = read_yaml(path)
+    for o in overrides:
+        apply_override(tree, o)
+    return build_config(tree, source=str(path))
+
+
+def dump_config(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

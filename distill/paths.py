@@ -1,0 +1,29 @@
+"""Where distill keeps things on disk, and how it writes them safely."""
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+
+def cache_root() -> Path:
+    """The cache folder: $DISTILL_CACHE, else ~/.cache/distill."""
+    return Path(os.environ.get("DISTILL_CACHE", Path.home() / ".cache" / "distill"))
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write text to a temp file beside `path`, then rename: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, obj) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")

@@ -1,0 +1,1 @@
+"""Built-in tasks: procedurally generated, exactly graded, with rationales."""

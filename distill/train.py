@@ -1,0 +1,217 @@
+"""The one training loop, on Hugging Face Accelerate: one process, DDP or FSDP alike.
+
+Recipes differ in their batch source and objective terms, not in this loop. Each optimizer
+step takes one global batch (the same examples whatever the process count), splits it into
+micro-batches, and divides every loss term by the global count of valid tokens, so
+1 process x 8 micro-batches, 8 x 1 and 2 processes x 4 all take the same step.
+"""
+
+import contextlib
+import json
+import logging
+import math
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+
+from distill.build import build_examples, build_models
+from distill.config import RunConfig, dump_config
+from distill.data import IGNORE_INDEX, collate, global_batch_indices, micro_batches
+from distill.errors import DistillError
+from distill.models import count_parameters
+from distill.objective import combine, term_sums
+from distill.paths import atomic_write_json, atomic_write_text
+from distill.progress import Progress
+
+
+def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Linear warmup (the first step already learns), then cosine decay to min_ratio."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min((step - warmup) / max(total - warmup, 1), 1.0)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    ckpts = sorted((run_dir / "checkpoints").glob("step-*"))
+    return ckpts[-1] if ckpts else None
+
+
+def prepare_run_dir(cfg: RunConfig, run_dir: Path, resume: bool) -> None:
+    if not resume and latest_checkpoint(run_dir) is not None:
+        raise DistillError(f"{run_dir} already holds a run; resume it with --resume {run_dir} or pick another out_dir")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
+
+
+def save_checkpoint(acc: Accelerator, run_dir: Path, step: int, keep: int) -> Path:
+    """accelerate's save_state (safetensors weights, optimizer, scheduler, RNG) into a temp
+    folder, renamed into place once complete, so an interrupted save leaves no half checkpoint."""
+    root = run_dir / "checkpoints"
+    final, tmp = root / f"step-{step:06d}", root / f".tmp-step-{step:06d}"
+    if acc.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    acc.wait_for_everyone()
+    with quiet("accelerate"):  # it warns that tied lm_head weights are saved once: expected
+        acc.save_state(str(tmp))
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        atomic_write_json(tmp / "state.json", {"step": step})
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        for old in sorted(root.glob("step-*"))[:-keep]:
+            shutil.rmtree(old)
+    acc.wait_for_everyone()
+    return final
+
+
+@contextlib.contextmanager
+def quiet(logger: str):
+    log = logging.getLogger(logger)
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
+def trim_metrics(path: Path, last_step: int) -> None:
+    """On resume, drop records of steps past the checkpoint: they are about to be redone."""
+    if path.exists():
+        keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= last_step]
+        atomic_write_text(path, "".join(line + "\n" for line in keep))
+
+
+def export_student(acc: Accelerator, model, tokenizer, run_dir: Path) -> None:
+    """save_pretrained into run_dir/student, so plain transformers reloads it."""
+    state = acc.get_state_dict(model)
+    if acc.is_main_process:
+        tmp, final = run_dir / ".tmp-student", run_dir / "student"
+        shutil.rmtree(tmp, ignore_errors=True)
+        acc.unwrap_model(model).save_pretrained(tmp, state_dict=state)
+        tokenizer.save_pretrained(tmp)
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+    acc.wait_for_everyone()
+
+
+def train(cfg: RunConfig, resume: bool = False, show_progress: bool = True) -> dict:
+    """Run (or resume) the run described by `cfg` in cfg.out_dir. Returns the train summary."""
+    run_dir = Path(cfg.out_dir)
+    # accelerate only sets up multi-process CPU (gloo) when told cpu=True.
+    cpu = cfg.train.device == "cpu" or not torch.cuda.is_available()
+    acc = Accelerator(cpu=cpu, mixed_precision="bf16" if cfg.train.precision == "bf16" else "no")
+    set_seed(cfg.train.seed)
+    student, teacher, tokenizer, vocab = build_models(cfg)
+    examples = build_examples(cfg.data, tokenizer)
+    if acc.is_main_process:
+        prepare_run_dir(cfg, run_dir, resume)
+    acc.wait_for_everyone()
+
+    t = cfg.train
+    optimizer = torch.optim.AdamW(student.parameters(), lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
+    # The scheduler is stepped by hand once per optimizer step (accelerate's prepared
+    # scheduler would step once per process) and registered so checkpoints carry it.
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, t.warmup_steps, t.steps, t.min_lr_ratio)
+    )
+    student, optimizer = acc.prepare(student, optimizer)
+    acc.register_for_checkpointing(scheduler)
+    if teacher is not None:
+        teacher.to(acc.device)
+
+    start, last_ckpt = 0, None
+    if resume:
+        last_ckpt = latest_checkpoint(run_dir)
+        if last_ckpt is None:
+            raise DistillError(f"{run_dir}: no checkpoint to resume from")
+        acc.load_state(str(last_ckpt))
+        start = json.loads((last_ckpt / "state.json").read_text())["step"]
+        if acc.is_main_process:
+            trim_metrics(run_dir / "metrics.jsonl", start)
+
+    world, rank = acc.num_processes, acc.process_index
+    global_batch = t.micro_batch_size * t.grad_accum * world
+    alpha, temp = cfg.objective.alpha, cfg.objective.temperature
+    n_params = count_parameters(acc.unwrap_model(student))
+    student.train()
+    progress = Progress(t.steps, start, enabled=show_progress and acc.is_main_process)
+    tokens_seen, t_start = 0, time.perf_counter()
+    for step in range(start, t.steps):
+        t0 = time.perf_counter()
+        indices = global_batch_indices(step, len(examples), global_batch, t.seed)
+        batches = [
+            {k: v.to(acc.device) for k, v in collate([examples[i] for i in mb], tokenizer.pad_token_id).items()}
+            for mb in micro_batches(indices, rank, world, t.micro_batch_size)
+        ]
+        local_valid = sum((b["labels"][:, 1:] != IGNORE_INDEX).sum() for b in batches)
+        n_valid = acc.reduce(torch.as_tensor(local_valid, device=acc.device, dtype=torch.float64), "sum").item()
+        sums: dict[str, torch.Tensor] = {}
+        for i, batch in enumerate(batches):
+            last = i == len(batches) - 1
+            with acc.no_sync(student) if not last else contextlib.nullcontext():
+                with acc.autocast():
+                    logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                    teacher_logits = None
+                    if teacher is not None:
+                        with torch.no_grad():
+                            teacher_logits = teacher(
+                                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+                            ).logits
+                terms = term_sums(logits, batch["labels"], teacher_logits, vocab, temp)
+                loss = combine(terms, alpha, temp)
+                # DDP averages gradients over processes; scaling by world size turns that
+                # average back into the global sum / global valid-token count.
+                acc.backward(loss * world / max(n_valid, 1.0))
+            for k, v in {**terms, "loss": loss}.items():
+                sums[k] = sums.get(k, 0.0) + v.detach().double()
+        names = sorted(sums)
+        totals = acc.reduce(torch.stack([sums[k] for k in names]), "sum") / max(n_valid, 1.0)
+        record = dict(zip(names, totals.tolist()))
+        if not math.isfinite(record["loss"]):
+            optimizer.zero_grad(set_to_none=True)
+            where = f"last good checkpoint: {last_ckpt}" if last_ckpt else "no checkpoint was saved yet"
+            raise DistillError(f"loss became {record['loss']} at step {step + 1}; stopped before updating ({where})")
+        grad_norm = None
+        if t.max_grad_norm is not None:
+            grad_norm = acc.clip_grad_norm_(student.parameters(), t.max_grad_norm).item()
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        step_tokens = acc.reduce(
+            torch.as_tensor(sum(b["attention_mask"].sum() for b in batches), device=acc.device), "sum"
+        ).item()
+        tokens_seen += step_tokens
+        dt = time.perf_counter() - t0
+        record.update(step=step + 1, lr=lr, grad_norm=grad_norm, valid_tokens=n_valid, tokens_per_s=step_tokens / dt)
+        if acc.is_main_process:
+            with open(run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+        progress.update(step + 1, record["loss"], record["tokens_per_s"])
+        done = step + 1
+        if (t.checkpoint_every and done % t.checkpoint_every == 0) or done == t.steps:
+            last_ckpt = save_checkpoint(acc, run_dir, done, t.keep_checkpoints)
+    progress.close()
+    wall = time.perf_counter() - t_start
+
+    export_student(acc, student, tokenizer, run_dir)
+    summary = {
+        "steps": t.steps,
+        "resumed_from": start,
+        "params": n_params,
+        "tokens": tokens_seen,
+        "wall_s": wall,
+        "tokens_per_s": tokens_seen / wall if wall > 0 else 0.0,
+        "processes": world,
+    }
+    if acc.is_main_process:
+        atomic_write_json(run_dir / "train_summary.json", summary)
+    return summary
+
