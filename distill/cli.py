@@ -39,8 +39,8 @@ def train(
     typer.echo(json.dumps(result, indent=2))
 
 
-@app.command()
-def eval(
+@app.command("eval")
+def evaluate(
     path: Annotated[str, typer.Argument(help="A run directory or a save_pretrained model folder.")],
     config: Annotated[str | None, typer.Option(help="Run config for the data (default: the run's own).")] = None,
 ):

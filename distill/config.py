@@ -62,9 +62,22 @@ class DataConfig(Section):
 
 class ObjectiveConfig(Section):
     alpha: float = Field(0.5, ge=0.0, le=1.0)
-    """Weight of the distillation term: (1 - alpha) * task CE + alpha * T^2 * KL. 0 = labels only."""
+    """Weight of the distillation term: (1 - alpha) * task CE + alpha * T^2 * D. 0 = labels only."""
     temperature: float = Field(2.0, gt=0.0)
     """Loss temperature T that softens both distributions (not a sampling temperature)."""
+    divergence: Literal["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd"] = "forward_kl"
+    """D: forward KL (mean-seeking), reverse KL (mode-seeking), generalized JSD, skew KLs, TVD."""
+    jsd_beta: float = Field(0.5, ge=0.0, le=1.0)
+    """Mixture weight of the generalized JSD: 0 is forward KL, 1 is reverse KL."""
+    skew_alpha: float = Field(0.1, ge=0.0, le=1.0)
+    """Skew of the skew KLs (DistiLLM): KL(p || a p + (1 - a) q); 0 is the plain KL."""
+
+    def divergence_params(self) -> dict[str, float]:
+        if self.divergence == "jsd":
+            return {"beta": self.jsd_beta}
+        if self.divergence.startswith("skew_"):
+            return {"alpha": self.skew_alpha}
+        return {}
 
 
 class TrainConfig(Section):

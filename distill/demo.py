@@ -85,7 +85,7 @@ def run_demo(out: Path, seed: int = 0) -> dict:
         ("student, labels only", labels["train"], labels["eval"], Path(labels["run_dir"])),
     ]
     table = Table(title=f"distill demo: built-in chain task, {teacher_eval['n']} held-out problems, seed {seed}")
-    for col in ("model", "test accuracy", "parameters", "train tokens/s", "train wall s"):
+    for col in ("model", "test acc", "params", "train tok/s", "train s"):
         table.add_column(col, justify="left" if col == "model" else "right", no_wrap=True)
     summary = {"seed": seed, "runs": {}}
     for name, tr, ev, path in rows:

@@ -1,13 +1,16 @@
 """The objective: a weighted sum of named terms, each a sum over valid tokens.
 
-    loss = (1 - alpha) * task_ce + alpha * T^2 * KL(teacher || student)
+    loss = (1 - alpha) * task_ce + alpha * T^2 * D(teacher, student)
+
+D is any divergence of `distill.divergences` (forward KL by default, Hinton 2015).
 
 Terms are computed on next-token positions: logits at t predict the token at t + 1.
 """
 
 import torch
 
-from distill.losses import IGNORE_INDEX, cross_entropy, forward_kl
+from distill.divergences import divergence
+from distill.losses import IGNORE_INDEX, cross_entropy
 
 
 def next_token_targets(labels: torch.Tensor) -> torch.Tensor:
@@ -21,6 +24,8 @@ def term_sums(
     teacher_logits: torch.Tensor | None,
     vocab_size: int,
     temperature: float,
+    divergence_name: str = "forward_kl",
+    divergence_params: dict[str, float] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Per-term sums over the valid tokens of one micro-batch.
 
@@ -30,6 +35,8 @@ def term_sums(
         teacher_logits: (B, T, Vt) or None for a label-only run.
         vocab_size: the real vocabulary both tokenizers share.
         temperature: loss temperature of the KD term.
+        divergence_name: a name in `distill.divergences.DIVERGENCES`.
+        divergence_params: its parameters (jsd: beta; skew KLs: alpha).
     """
     targets = next_token_targets(labels)  # (B, T-1)
     mask = targets != IGNORE_INDEX
@@ -37,7 +44,7 @@ def term_sums(
     terms = {"task_ce": cross_entropy(s, targets)}
     if teacher_logits is not None:
         t = teacher_logits[:, :-1, :vocab_size]  # (B, T-1, V)
-        terms["kd"] = forward_kl(s, t, mask, temperature)
+        terms["kd"] = divergence(divergence_name, s, t, mask, temperature, **(divergence_params or {}))
     return terms
 
 

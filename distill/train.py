@@ -41,11 +41,10 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
-def prepare_run_dir(cfg: RunConfig, run_dir: Path, resume: bool) -> None:
+def check_run_dir(run_dir: Path, resume: bool) -> None:
+    """Every process checks (a check on one alone would leave the others waiting)."""
     if not resume and latest_checkpoint(run_dir) is not None:
         raise DistillError(f"{run_dir} already holds a run; resume it with --resume {run_dir} or pick another out_dir")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
 
 
 def save_checkpoint(acc: Accelerator, run_dir: Path, step: int, keep: int) -> Path:
@@ -109,8 +108,10 @@ def train(cfg: RunConfig, resume: bool = False, show_progress: bool = True) -> d
     set_seed(cfg.train.seed)
     student, teacher, tokenizer, vocab = build_models(cfg)
     examples = build_examples(cfg.data, tokenizer)
+    check_run_dir(run_dir, resume)
     if acc.is_main_process:
-        prepare_run_dir(cfg, run_dir, resume)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
     acc.wait_for_everyone()
 
     t = cfg.train
@@ -138,6 +139,7 @@ def train(cfg: RunConfig, resume: bool = False, show_progress: bool = True) -> d
     world, rank = acc.num_processes, acc.process_index
     global_batch = t.micro_batch_size * t.grad_accum * world
     alpha, temp = cfg.objective.alpha, cfg.objective.temperature
+    div_name, div_params = cfg.objective.divergence, cfg.objective.divergence_params()
     n_params = count_parameters(acc.unwrap_model(student))
     student.train()
     progress = Progress(t.steps, start, enabled=show_progress and acc.is_main_process)
@@ -163,7 +165,7 @@ def train(cfg: RunConfig, resume: bool = False, show_progress: bool = True) -> d
                             teacher_logits = teacher(
                                 input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
                             ).logits
-                terms = term_sums(logits, batch["labels"], teacher_logits, vocab, temp)
+                terms = term_sums(logits, batch["labels"], teacher_logits, vocab, temp, div_name, div_params)
                 loss = combine(terms, alpha, temp)
                 # DDP averages gradients over processes; scaling by world size turns that
                 # average back into the global sum / global valid-token count.

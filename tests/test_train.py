@@ -158,3 +158,11 @@ def test_two_processes_match_one(tiny_tree, tmp_path):
     w1, w2 = _weights(one["out_dir"]), _weights(two["out_dir"])
     for k in w1:
         torch.testing.assert_close(w2[k], w1[k], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["reverse_kl", "jsd", "skew_forward_kl", "tvd"])
+def test_every_divergence_trains(tiny_tree, name):
+    tiny_tree["objective"].update(divergence=name, jsd_beta=0.3, skew_alpha=0.2)
+    _train(tiny_tree)
+    metrics = read_metrics(tiny_tree["out_dir"])
+    assert all(m["kd"] >= 0 and m["loss"] == m["loss"] for m in metrics)
