@@ -72,6 +72,12 @@ class ObjectiveConfig(Section):
     skew_alpha: float = Field(0.1, ge=0.0, le=1.0)
     """Skew of the skew KLs (DistiLLM): KL(p || a p + (1 - a) q); 0 is the plain KL."""
 
+    fused: bool | None = None
+    """Fused chunked lm_head + divergence (no tokens x vocab logits). None: use it whenever
+    both models' logits are a plain lm_head of their last hidden state; true: require it."""
+    chunk_size: int = Field(1024, ge=1)
+    """Tokens per chunk of the fused path."""
+
     def divergence_params(self) -> dict[str, float]:
         if self.divergence == "jsd":
             return {"beta": self.jsd_beta}

@@ -23,7 +23,7 @@ from distill.config import RunConfig, dump_config
 from distill.data import IGNORE_INDEX, collate, global_batch_indices, micro_batches
 from distill.errors import DistillError
 from distill.models import count_parameters
-from distill.objective import combine, term_sums
+from distill.objective import combine, fused_term_sums, head_matches_logits, term_sums
 from distill.paths import atomic_write_json, atomic_write_text
 from distill.progress import Progress
 
@@ -141,6 +141,15 @@ def train(cfg: RunConfig, resume: bool = False, show_progress: bool = True) -> d
     alpha, temp = cfg.objective.alpha, cfg.objective.temperature
     div_name, div_params = cfg.objective.divergence, cfg.objective.divergence_params()
     n_params = count_parameters(acc.unwrap_model(student))
+    use_fused = teacher is not None and cfg.objective.fused is not False
+    if use_fused:
+        probe = collate(examples[:2], tokenizer.pad_token_id)
+        probe = {k: v.to(acc.device) for k, v in probe.items() if k != "labels"}
+        use_fused = all(head_matches_logits(m, **probe) for m in (acc.unwrap_model(student), teacher))
+        if not use_fused and cfg.objective.fused:
+            raise DistillError("objective.fused=true, but a model's logits are not a plain lm_head of its hidden states")
+    s_head = acc.unwrap_model(student).get_output_embeddings()
+    t_head = teacher.get_output_embeddings() if teacher is not None else None
     student.train()
     progress = Progress(t.steps, start, enabled=show_progress and acc.is_main_process)
     tokens_seen, t_start = 0, time.perf_counter()
@@ -157,16 +166,25 @@ def train(cfg: RunConfig, resume: bool = False, show_progress: bool = True) -> d
         for i, batch in enumerate(batches):
             last = i == len(batches) - 1
             with acc.no_sync(student) if not last else contextlib.nullcontext():
+                inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
                 with acc.autocast():
-                    logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                    teacher_logits = None
-                    if teacher is not None:
+                    if use_fused:
+                        # logits_to_keep=1: the models skip their own (B, T, V) logits.
+                        h_s = student(**inputs, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
                         with torch.no_grad():
-                            teacher_logits = teacher(
-                                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-                            ).logits
-                terms = term_sums(logits, batch["labels"], teacher_logits, vocab, temp, div_name, div_params)
-                loss = combine(terms, alpha, temp)
+                            h_t = teacher(**inputs, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
+                        loss, terms = fused_term_sums(
+                            h_s, s_head, h_t, t_head, batch["labels"], vocab, alpha, temp, div_name, div_params,
+                            cfg.objective.chunk_size,
+                        )
+                    else:
+                        logits = student(**inputs).logits
+                        teacher_logits = None
+                        if teacher is not None:
+                            with torch.no_grad():
+                                teacher_logits = teacher(**inputs).logits
+                        terms = term_sums(logits, batch["labels"], teacher_logits, vocab, temp, div_name, div_params)
+                        loss = combine(terms, alpha, temp)
                 # DDP averages gradients over processes; scaling by world size turns that
                 # average back into the global sum / global valid-token count.
                 acc.backward(loss * world / max(n_valid, 1.0))
@@ -212,6 +230,7 @@ def train(cfg: RunConfig, resume: bool = False, show_progress: bool = True) -> d
         "wall_s": wall,
         "tokens_per_s": tokens_seen / wall if wall > 0 else 0.0,
         "processes": world,
+        "fused_loss": use_fused,
     }
     if acc.is_main_process:
         atomic_write_json(run_dir / "train_summary.json", summary)

@@ -117,21 +117,44 @@ def test_existing_run_is_not_overwritten(tiny_tree):
         _train(tiny_tree)
 
 
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_tree, monkeypatch):
+@pytest.mark.parametrize("fused", [False, True])
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_tree, monkeypatch, fused):
     tiny_tree["train"].update(steps=6, checkpoint_every=2)
-    real_combine = train_mod.combine
+    tiny_tree["objective"]["fused"] = fused
     calls = {"n": 0}
 
-    def poisoned(terms, alpha, temperature):
-        calls["n"] += 1
-        loss = real_combine(terms, alpha, temperature)
-        return loss * float("nan") if calls["n"] == 3 else loss
+    def poison(fn):
+        def wrapped(*args, **kwargs):
+            calls["n"] += 1
+            out = fn(*args, **kwargs)
+            if calls["n"] != 3:
+                return out
+            return (out[0] * float("nan"), out[1]) if isinstance(out, tuple) else out * float("nan")
 
-    monkeypatch.setattr(train_mod, "combine", poisoned)
+        return wrapped
+
+    monkeypatch.setattr(train_mod, "combine", poison(train_mod.combine))
+    monkeypatch.setattr(train_mod, "fused_term_sums", poison(train_mod.fused_term_sums))
     with pytest.raises(DistillError, match=r"loss became nan at step 3; .*step-000002"):
         _train(tiny_tree)
     ckpts = sorted(p.name for p in (Path(tiny_tree["out_dir"]) / "checkpoints").iterdir())
     assert ckpts == ["step-000002"]
+
+
+@pytest.mark.parametrize("name", ["forward_kl", "jsd"])
+def test_fused_path_trains_like_the_naive_path(tiny_tree, tmp_path, name):
+    a, b = copy.deepcopy(tiny_tree), copy.deepcopy(tiny_tree)
+    a["out_dir"], b["out_dir"] = str(tmp_path / "naive"), str(tmp_path / "fused")
+    a["objective"].update(fused=False, divergence=name)
+    b["objective"].update(fused=True, divergence=name, chunk_size=7)
+    assert _train(a)["fused_loss"] is False
+    assert _train(b)["fused_loss"] is True
+    for x, y in zip(read_metrics(a["out_dir"]), read_metrics(b["out_dir"])):
+        for k in ("loss", "task_ce", "kd"):
+            assert y[k] == pytest.approx(x[k], abs=1e-5, rel=1e-5)
+    wa, wb = _weights(a["out_dir"]), _weights(b["out_dir"])
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.slow

@@ -1,0 +1,244 @@
+"""Fused, chunked lm_head + divergence: the KD loss without ever holding (N, V) logits.
+
+`fused_kd_loss` takes the final hidden states and lm_head weights of student and teacher
+and returns the SUM over valid tokens of `distill.divergences.per_token` (plus an optional,
+explicitly weighted hard cross-entropy). Tokens are processed `chunk_size` at a time: for
+each chunk the student and teacher logits (chunk, V) are formed in fp32, the per-token
+divergence is computed, and - in the forward pass, so there is no second pass - the
+gradient w.r.t. the chunk's student logits is taken and immediately contracted into the
+gradients of the student hidden states, lm_head weight and bias. Only those two/three
+gradients are kept for backward, which just scales them by grad_output. Peak extra memory
+is therefore O(chunk * V) rather than O(N * V). The teacher receives no gradient.
+
+As in `distill.divergences`, the caller divides by the valid-token count and applies T^2.
+"""
+
+import math
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from distill.divergences import _resolve, per_token
+
+IGNORE_INDEX = -100
+
+
+def _logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """hidden (c, H) @ weight (V, H).T (+ bias (V,)) as `dtype`: matmul in input dtype, then upcast."""
+    out = hidden @ weight.T  # (c, V) input dtype, fp32 accumulation inside the matmul
+    if bias is not None:
+        out = out + bias
+    return out.to(dtype)  # (c, V)
+
+
+def _add_tn(acc: torch.Tensor, g: torch.Tensor, h: torch.Tensor) -> None:
+    """acc (V, H) += g (c, V).T @ h (c, H), accumulated in acc's dtype (fp32 for bf16 inputs).
+
+    bf16 on CUDA: bf16 operands (tensor cores) with an fp32 result; elsewhere fp32 operands.
+    Rounding each chunk's product to bf16 would add one rounding per chunk to the weight grad.
+    """
+    if h.dtype == acc.dtype:
+        acc.addmm_(g.to(acc.dtype).T, h)
+        return
+    if h.is_cuda:
+        try:
+            acc += torch.mm(g.to(h.dtype).T, h, out_dtype=acc.dtype)  # type: ignore[call-arg]
+            return
+        except (TypeError, RuntimeError, NotImplementedError):
+            pass
+    acc.addmm_(g.to(acc.dtype).T, h.to(acc.dtype))
+
+
+class _FusedKD(torch.autograd.Function):
+    """Chunked lm_head + divergence whose gradients are computed during forward."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx,
+        h_s: torch.Tensor,
+        w_s: torch.Tensor,
+        b_s: torch.Tensor | None,
+        h_t: torch.Tensor,
+        w_t: torch.Tensor,
+        b_t: torch.Tensor | None,
+        valid: torch.Tensor,
+        labels: torch.Tensor | None,
+        opts: dict,
+    ) -> torch.Tensor:
+        vocab: int = opts["vocab_size"]
+        chunk: int = opts["chunk_size"]
+        ce_weight: float = opts["hard_ce_weight"]
+        div_weight: float = opts["divergence_weight"]
+        want_ce = labels is not None and (ce_weight > 0 or opts["return_terms"])
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]  # type: ignore[attr-defined]
+        dtype = torch.promote_types(torch.float32, torch.promote_types(h_s.dtype, w_s.dtype))
+        ws, wt = w_s[:vocab], w_t[:vocab]  # (V, Hs), (V, Ht) views: padded rows are never used
+        bs = None if b_s is None else b_s[:vocab]  # (V,)
+        bt = None if b_t is None else b_t[:vocab]  # (V,)
+
+        loss = torch.zeros((), dtype=dtype, device=h_s.device)
+        terms = torch.zeros(2, dtype=dtype, device=h_s.device)  # [divergence sum, CE sum], for logging
+        grad_h = torch.zeros_like(h_s) if need_h else None  # (N, Hs)
+        # Weight/bias gradients accumulate across chunks in fp32 (fp64 for fp64 inputs).
+        grad_w = torch.zeros(w_s.shape, dtype=dtype, device=w_s.device) if need_w else None  # (V_pad, Hs)
+        grad_b = torch.zeros(b_s.shape, dtype=dtype, device=b_s.device) if need_b and b_s is not None else None
+
+        rows = valid.nonzero().squeeze(1)  # (n,) masked tokens skip all compute
+        for start in range(0, rows.numel(), chunk):
+            idx = rows[start : start + chunk]  # (c,)
+            hs = h_s.index_select(0, idx)  # (c, Hs)
+            t_logits = _logits(h_t.index_select(0, idx), wt, bt, dtype)  # (c, V) no grad (grad mode is off)
+            s_logits = _logits(hs, ws, bs, dtype).requires_grad_(True)  # (c, V) local leaf
+            with torch.enable_grad():
+                div = per_token(opts["divergence"], s_logits, t_logits, opts["temperature"], **opts["params"]).sum()
+                value = div_weight * div
+                if want_ce:
+                    assert labels is not None
+                    ce = torch.nn.functional.cross_entropy(s_logits, labels.index_select(0, idx), reduction="sum")
+                    value = value + ce_weight * ce
+                    terms[1] += ce.detach()
+            (g,) = torch.autograd.grad(value, s_logits)  # (c, V) d(chunk loss)/d(student logits)
+            loss += value.detach()
+            terms[0] += div.detach()
+            del s_logits, t_logits, value, div
+            if grad_h is not None:
+                grad_h.index_copy_(0, idx, (g.to(ws.dtype) @ ws).to(grad_h.dtype))  # (c, Hs)
+            if grad_w is not None:
+                _add_tn(grad_w[:vocab], g, hs)  # (V, Hs)
+            if grad_b is not None:
+                grad_b[:vocab] += g.sum(0)  # (V,)
+            del g
+        ctx.save_for_backward(
+            grad_h,
+            None if grad_w is None else grad_w.to(w_s.dtype),
+            None if grad_b is None else grad_b.to(b_s.dtype),  # type: ignore[union-attr]
+        )
+        ctx.mark_non_differentiable(terms)
+        return loss, terms
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad_out: torch.Tensor, _grad_terms) -> tuple:  # type: ignore[override]
+        grad_h, grad_w, grad_b = ctx.saved_tensors  # type: ignore[attr-defined]
+
+        def scale(g: torch.Tensor | None) -> torch.Tensor | None:
+            return None if g is None else g * grad_out.to(g.dtype)
+
+        return scale(grad_h), scale(grad_w), scale(grad_b), None, None, None, None, None, None
+
+
+def fused_kd_loss(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
+    *,
+    divergence: str = "forward_kl",
+    temperature: float = 1.0,
+    student_bias: torch.Tensor | None = None,
+    teacher_bias: torch.Tensor | None = None,
+    vocab_size: int | None = None,
+    hard_ce_weight: float = 0.0,
+    divergence_weight: float = 1.0,
+    chunk_size: int = 1024,
+    return_terms: bool = False,
+    **divergence_params: float,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Sum over valid tokens of divergence(teacher || student) (+ hard_ce_weight * CE sum), fused.
+
+    Equal (up to rounding) to building the full logits, calling
+    `distill.divergences.divergence(divergence, student_logits, teacher_logits, valid, T, **params)`
+    and adding `hard_ce_weight * cross_entropy(student_logits[valid], labels[valid], reduction="sum")`
+    (CE at temperature 1), but never allocates more than (chunk_size, V) logits at a time.
+    Gradients flow to the student hidden states, weight and bias only; backward is free
+    (the gradients are computed during forward), so forward costs about as much as
+    forward + backward of the naive path. Double backward is not supported.
+
+    Args:
+        student_hidden: (N, Hs) final student hidden states (flatten batch and time first).
+        student_weight: (V_s, Hs) student lm_head weight (V_s >= V).
+        teacher_hidden: (N, Ht) teacher hidden states; never differentiated.
+        teacher_weight: (V_t, Ht) teacher lm_head weight (V_t >= V).
+        mask: (N,) bool, True where the token counts. Optional if `labels` is given.
+        labels: (N,) long targets, `IGNORE_INDEX` (-100) where the token does not count. The
+            valid set is `mask & (labels != -100)` when both are given. Required if
+            hard_ce_weight > 0.
+        divergence: a key of `distill.divergences.DIVERGENCES`.
+        temperature: softens both distributions, > 0; T^2 scaling is the caller's.
+        student_bias: (V_s,) optional student lm_head bias.
+        teacher_bias: (V_t,) optional teacher lm_head bias.
+        vocab_size: use only the first `vocab_size` ids of both heads (padded vocabularies);
+            None requires V_s == V_t. Padded student rows get zero gradient.
+        hard_ce_weight: weight of the hard-label cross-entropy sum; 0 (default) adds nothing.
+        divergence_weight: weight of the divergence sum (1 by default; the loop passes
+            alpha * T^2 so one pass yields the whole objective).
+        chunk_size: tokens per chunk; peak extra memory is a few (chunk_size, V) fp32 tensors.
+        return_terms: also return the unweighted sums [divergence, CE] (2,) for logging
+            (CE is computed when labels are given, even at weight 0).
+        **divergence_params: `beta` for jsd, `alpha` for the skew KLs.
+
+    Returns:
+        Scalar, fp32 (fp64 if the student inputs are fp64): the weighted sum over valid
+        tokens; with return_terms, (that scalar, the (2,) unweighted term sums).
+    """
+    _resolve(divergence, divergence_params, temperature)  # validates name, params, T
+    n = student_hidden.shape[0]
+    if student_hidden.dim() != 2 or teacher_hidden.dim() != 2 or teacher_hidden.shape[0] != n:
+        raise ValueError(
+            f"need student_hidden (N, Hs) and teacher_hidden (N, Ht), got "
+            f"{tuple(student_hidden.shape)} and {tuple(teacher_hidden.shape)}"
+        )
+    if student_weight.dim() != 2 or student_weight.shape[1] != student_hidden.shape[1]:
+        raise ValueError(f"student_weight must be (V, {student_hidden.shape[1]}), got {tuple(student_weight.shape)}")
+    if teacher_weight.dim() != 2 or teacher_weight.shape[1] != teacher_hidden.shape[1]:
+        raise ValueError(f"teacher_weight must be (V, {teacher_hidden.shape[1]}), got {tuple(teacher_weight.shape)}")
+    vs, vt = student_weight.shape[0], teacher_weight.shape[0]
+    if vocab_size is None:
+        if vs != vt:
+            raise ValueError(f"student vocab {vs} != teacher vocab {vt}; pass vocab_size to slice padded heads")
+        vocab_size = vs
+    if not 1 <= vocab_size <= min(vs, vt):
+        raise ValueError(f"vocab_size must be in [1, {min(vs, vt)}], got {vocab_size}")
+    for name, bias, rows in (("student_bias", student_bias, vs), ("teacher_bias", teacher_bias, vt)):
+        if bias is not None and bias.shape != (rows,):
+            raise ValueError(f"{name} must be ({rows},), got {tuple(bias.shape)}")
+    if not (isinstance(chunk_size, int) and chunk_size >= 1):
+        raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
+    for name, w in (("hard_ce_weight", hard_ce_weight), ("divergence_weight", divergence_weight)):
+        if not (math.isfinite(w) and w >= 0):
+            raise ValueError(f"{name} must be finite and >= 0, got {w!r}")
+    if mask is None and labels is None:
+        raise ValueError("pass mask (N,) bool or labels (N,) with ignore_index -100")
+    if mask is not None and (mask.dtype != torch.bool or mask.shape != (n,)):
+        raise ValueError(f"mask must be bool of shape ({n},), got {mask.dtype} {tuple(mask.shape)}")
+    if labels is not None and (labels.dtype != torch.long or labels.shape != (n,)):
+        raise ValueError(f"labels must be long of shape ({n},), got {labels.dtype} {tuple(labels.shape)}")
+    if hard_ce_weight > 0 and labels is None:
+        raise ValueError("hard_ce_weight > 0 needs labels")
+    valid = torch.ones(n, dtype=torch.bool, device=student_hidden.device) if mask is None else mask
+    if labels is not None:
+        valid = valid & (labels != IGNORE_INDEX)  # (N,)
+    opts = {
+        "divergence": divergence,
+        "temperature": float(temperature),
+        "params": dict(divergence_params),
+        "vocab_size": int(vocab_size),
+        "chunk_size": chunk_size,
+        "hard_ce_weight": float(hard_ce_weight),
+        "divergence_weight": float(divergence_weight),
+        "return_terms": return_terms,
+    }
+    loss, terms = _FusedKD.apply(
+        student_hidden,
+        student_weight,
+        student_bias,
+        teacher_hidden.detach(),
+        teacher_weight.detach(),
+        None if teacher_bias is None else teacher_bias.detach(),
+        valid,
+        labels,
+        opts,
+    )
+    return (loss, terms) if return_terms else loss
