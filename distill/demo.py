@@ -85,19 +85,26 @@ def run_demo(out: Path, seed: int = 0) -> dict:
         ("student, labels only", labels["train"], labels["eval"], Path(labels["run_dir"])),
     ]
     table = Table(title=f"distill demo: built-in chain task, {teacher_eval['n']} held-out problems, seed {seed}")
-    for col in ("model", "test acc", "params", "train tok/s", "train s"):
+    for col in ("model", "test acc", "held-out CE", "params", "train tok/s", "train s"):
         table.add_column(col, justify="left" if col == "model" else "right", no_wrap=True)
     summary = {"seed": seed, "runs": {}}
     for name, tr, ev, path in rows:
         table.add_row(
             name,
             f"{ev['accuracy']:.1%}",
+            f"{ev['heldout_ce']:.3f}",
             f"{tr['params']:,}",
             f"{tr['tokens_per_s']:,.0f}",
             f"{tr['wall_s']:.0f}",
         )
-        summary["runs"][name] = {"accuracy": ev["accuracy"], "params": tr["params"], "tokens_per_s": tr["tokens_per_s"],
-                                 "wall_s": tr["wall_s"], "run_dir": str(path)}
+        summary["runs"][name] = {
+            "accuracy": ev["accuracy"],
+            "heldout_ce": ev["heldout_ce"],
+            "params": tr["params"],
+            "tokens_per_s": tr["tokens_per_s"],
+            "wall_s": tr["wall_s"],
+            "run_dir": str(path),
+        }
     out_console = Console()
     out_console.print(table)
     for name, _, _, path in rows:
