@@ -160,7 +160,7 @@ def main() -> None:
     parser.add_argument("--divergence", nargs="+", default=list(DIVERGENCES), choices=list(DIVERGENCES))
     parser.add_argument("--gpu", action="store_true", help="CUDA + bf16; adds the large GPU shapes")
     parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--chunk-size", type=int, default=1024)
+    parser.add_argument("--chunk-size", type=int, default=None, help="default: distill.fused.auto_chunk_size(V)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:

@@ -75,8 +75,8 @@ class ObjectiveConfig(Section):
     fused: bool | None = None
     """Fused chunked lm_head + divergence (no tokens x vocab logits). None: use it whenever
     both models' logits are a plain lm_head of their last hidden state; true: require it."""
-    chunk_size: int = Field(1024, ge=1)
-    """Tokens per chunk of the fused path."""
+    chunk_size: int | None = Field(None, ge=1)
+    """Tokens per chunk of the fused path; null: about 2**25 logits per chunk (V=128k: 261)."""
 
     def divergence_params(self) -> dict[str, float]:
         if self.divergence == "jsd":

@@ -21,6 +21,14 @@ from torch.autograd.function import once_differentiable
 from distill.divergences import _resolve, per_token
 
 IGNORE_INDEX = -100
+# Auto chunk: about 2**25 logits (128 MiB in fp32) per (chunk, V) buffer, whatever V is;
+# the chunk's autograd keeps ~10 such buffers alive, so ~1.3 GiB at any vocabulary size.
+CHUNK_LOGITS = 1 << 25
+
+
+def auto_chunk_size(vocab_size: int) -> int:
+    """Tokens per chunk so that one (chunk, V) fp32 buffer holds about CHUNK_LOGITS values."""
+    return max(16, CHUNK_LOGITS // max(vocab_size, 1))
 
 
 def _logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
@@ -142,7 +150,7 @@ def fused_kd_loss(
     vocab_size: int | None = None,
     hard_ce_weight: float = 0.0,
     divergence_weight: float = 1.0,
-    chunk_size: int = 1024,
+    chunk_size: int | None = None,
     return_terms: bool = False,
     **divergence_params: float,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -174,7 +182,8 @@ def fused_kd_loss(
         hard_ce_weight: weight of the hard-label cross-entropy sum; 0 (default) adds nothing.
         divergence_weight: weight of the divergence sum (1 by default; the loop passes
             alpha * T^2 so one pass yields the whole objective).
-        chunk_size: tokens per chunk; peak extra memory is a few (chunk_size, V) fp32 tensors.
+        chunk_size: tokens per chunk; peak extra memory is about ten (chunk_size, V) fp32
+            tensors. None: `auto_chunk_size(V)` (2**25 logits per buffer).
         return_terms: also return the unweighted sums [divergence, CE] (2,) for logging
             (CE is computed when labels are given, even at weight 0).
         **divergence_params: `beta` for jsd, `alpha` for the skew KLs.
@@ -204,6 +213,8 @@ def fused_kd_loss(
     for name, bias, rows in (("student_bias", student_bias, vs), ("teacher_bias", teacher_bias, vt)):
         if bias is not None and bias.shape != (rows,):
             raise ValueError(f"{name} must be ({rows},), got {tuple(bias.shape)}")
+    if chunk_size is None:
+        chunk_size = auto_chunk_size(vocab_size)
     if not (isinstance(chunk_size, int) and chunk_size >= 1):
         raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
     for name, w in (("hard_ce_weight", hard_ce_weight), ("divergence_weight", divergence_weight)):

@@ -67,7 +67,7 @@ def fused_term_sums(
     temperature: float,
     divergence_name: str = "forward_kl",
     divergence_params: dict[str, float] | None = None,
-    chunk_size: int = 1024,
+    chunk_size: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The whole objective in one fused, chunked pass: no (tokens, vocab) logits tensor.
 
