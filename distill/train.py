@@ -99,6 +99,29 @@ def export_student(acc: Accelerator, model, tokenizer, run_dir: Path) -> None:
     acc.wait_for_everyone()
 
 
+def micro_batch_objective(student, teacher, batch, use_fused: bool, s_head, t_head, vocab: int, cfg: RunConfig):
+    """(weighted loss sum, {term: sum}) of one micro-batch; sums over its valid tokens."""
+    obj = cfg.objective
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    params = obj.divergence_params()
+    if use_fused:
+        # logits_to_keep=1: the models skip their own (B, T, V) logits.
+        h_s = student(**inputs, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]  # (B, T, Hs)
+        with torch.no_grad():
+            h_t = teacher(**inputs, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]  # (B, T, Ht)
+        return fused_term_sums(
+            h_s, s_head, h_t, t_head, batch["labels"], vocab, obj.alpha, obj.temperature, obj.divergence, params,
+            obj.chunk_size,
+        )
+    logits = student(**inputs).logits  # (B, T, V)
+    teacher_logits = None
+    if teacher is not None:
+        with torch.no_grad():
+            teacher_logits = teacher(**inputs).logits  # (B, T, V)
+    terms = term_sums(logits, batch["labels"], teacher_logits, vocab, obj.temperature, obj.divergence, params)
+    return combine(terms, obj.alpha, obj.temperature), terms
+
+
 def train(cfg: RunConfig, resume: bool = False, show_progress: bool = True) -> dict:
     """Run (or resume) the run described by `cfg` in cfg.out_dir. Returns the train summary."""
     run_dir = Path(cfg.out_dir)
@@ -138,8 +161,6 @@ def train(cfg: RunConfig, resume: bool = False, show_progress: bool = True) -> d
 
     world, rank = acc.num_processes, acc.process_index
     global_batch = t.micro_batch_size * t.grad_accum * world
-    alpha, temp = cfg.objective.alpha, cfg.objective.temperature
-    div_name, div_params = cfg.objective.divergence, cfg.objective.divergence_params()
     n_params = count_parameters(acc.unwrap_model(student))
     use_fused = teacher is not None and cfg.objective.fused is not False
     if use_fused:
@@ -166,25 +187,8 @@ def train(cfg: RunConfig, resume: bool = False, show_progress: bool = True) -> d
         for i, batch in enumerate(batches):
             last = i == len(batches) - 1
             with acc.no_sync(student) if not last else contextlib.nullcontext():
-                inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
                 with acc.autocast():
-                    if use_fused:
-                        # logits_to_keep=1: the models skip their own (B, T, V) logits.
-                        h_s = student(**inputs, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
-                        with torch.no_grad():
-                            h_t = teacher(**inputs, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
-                        loss, terms = fused_term_sums(
-                            h_s, s_head, h_t, t_head, batch["labels"], vocab, alpha, temp, div_name, div_params,
-                            cfg.objective.chunk_size,
-                        )
-                    else:
-                        logits = student(**inputs).logits
-                        teacher_logits = None
-                        if teacher is not None:
-                            with torch.no_grad():
-                                teacher_logits = teacher(**inputs).logits
-                        terms = term_sums(logits, batch["labels"], teacher_logits, vocab, temp, div_name, div_params)
-                        loss = combine(terms, alpha, temp)
+                    loss, terms = micro_batch_objective(student, teacher, batch, use_fused, s_head, t_head, vocab, cfg)
                 # DDP averages gradients over processes; scaling by world size turns that
                 # average back into the global sum / global valid-token count.
                 acc.backward(loss * world / max(n_valid, 1.0))
