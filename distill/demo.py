@@ -106,6 +106,8 @@ def run_demo(out: Path, seed: int = 0) -> dict:
             "run_dir": str(path),
         }
     out_console = Console()
+    if not out_console.is_terminal:  # a pipe or log file: do not squeeze the table to 80 columns
+        out_console = Console(width=120)
     out_console.print(table)
     for name, _, _, path in rows:
         out_console.print(f"{name:>22}: {path}", soft_wrap=True)
