@@ -13,9 +13,9 @@ from pathlib import Path
 import torch
 
 from distill.errors import DistillError
+from distill.losses import IGNORE_INDEX
 from distill.tasks import chain
 
-IGNORE_INDEX = -100
 
 
 @dataclass(frozen=True)

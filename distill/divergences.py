@@ -120,7 +120,7 @@ DIVERGENCES: dict[str, Divergence] = {
 _PARAMS: dict[str, tuple[str, ...]] = {"jsd": ("beta",), "skew_forward_kl": ("alpha",), "skew_reverse_kl": ("alpha",)}
 
 
-def _resolve(name: str, params: dict[str, float], temperature: float) -> Divergence:
+def resolve_divergence(name: str, params: dict[str, float], temperature: float) -> Divergence:
     """The divergence function for `name`, after checking its parameters and the temperature."""
     if name not in DIVERGENCES:
         raise ValueError(f"unknown divergence {name!r}; expected one of {sorted(DIVERGENCES)}")
@@ -165,7 +165,7 @@ def per_token(
     Returns:
         (...) values, fp32 (fp64 if an input is fp64).
     """
-    fn = _resolve(name, params, temperature)
+    fn = resolve_divergence(name, params, temperature)
     if student_logits.shape != teacher_logits.shape:
         shapes = f"{tuple(student_logits.shape)} != teacher logits {tuple(teacher_logits.shape)}"
         raise ValueError(f"student logits {shapes}")
@@ -234,7 +234,7 @@ def sparse_per_token(
     Returns:
         (...) values, fp32 (fp64 if an input is fp64).
     """
-    fn = _resolve(name, params, temperature)
+    fn = resolve_divergence(name, params, temperature)
     lead, vocab, k = student_logits.shape[:-1], student_logits.shape[-1], teacher_ids.shape[-1]
     if teacher_ids.dtype != torch.long:
         raise ValueError(f"teacher_ids must be torch.long, got {teacher_ids.dtype}")

@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 
 from distill.data import Row, collate, tokenize_rows
-from distill.losses import cross_entropy
+from distill.losses import IGNORE_INDEX, cross_entropy
 from distill.objective import next_token_targets
 from distill.tasks.chain import grade
 
@@ -48,7 +48,7 @@ def heldout_loss(model, tokenizer, rows: list[Row], batch_size: int, max_length:
         logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
         targets = next_token_targets(b["labels"])
         total += cross_entropy(logits[:, :-1, : len(tokenizer)], targets).item()
-        count += (targets != -100).sum().item()
+        count += (targets != IGNORE_INDEX).sum().item()
     return total / max(count, 1)
 
 

@@ -18,9 +18,9 @@ import math
 import torch
 from torch.autograd.function import once_differentiable
 
-from distill.divergences import _resolve, per_token
+from distill.divergences import per_token, resolve_divergence
+from distill.losses import IGNORE_INDEX
 
-IGNORE_INDEX = -100
 # Auto chunk: about 2**25 logits (128 MiB in fp32) per (chunk, V) buffer, whatever V is;
 # the chunk's autograd keeps ~10 such buffers alive, so ~1.3 GiB at any vocabulary size.
 CHUNK_LOGITS = 1 << 25
@@ -192,7 +192,7 @@ def fused_kd_loss(
         Scalar, fp32 (fp64 if the student inputs are fp64): the weighted sum over valid
         tokens; with return_terms, (that scalar, the (2,) unweighted term sums).
     """
-    _resolve(divergence, divergence_params, temperature)  # validates name, params, T
+    resolve_divergence(divergence, divergence_params, temperature)  # validates name, params, T
     n = student_hidden.shape[0]
     if student_hidden.dim() != 2 or teacher_hidden.dim() != 2 or teacher_hidden.shape[0] != n:
         raise ValueError(
