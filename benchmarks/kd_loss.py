@@ -15,8 +15,9 @@ FRESH subprocess, so peak memory is not polluted by earlier runs:
 Time is forward + backward, median of --reps runs after one warm-up. "x bound" is the
 time divided by the lm_head matmul bound 2*N*V*(3*Hs + Ht) FLOPs at the matmul rate
 measured in the same run (median of (N, Hs) @ (Hs, V) matmuls in the same dtype). Naive
-runs whose estimated need exceeds free memory are reported as 'OOM (skipped, needs X GiB)'
-(the estimate is a per-divergence count of live (N, V) fp32 tensors, see NAIVE_FP32_COPIES).
+runs whose estimated need exceeds free memory (a per-divergence count of live (N, V) fp32
+tensors, see NAIVE_FP32_COPIES) are measured at N/2, N/4, ... instead and scaled linearly
+back to N (every naive buffer is (N, V)); such rows are labelled 'naive~' and say so.
 """
 
 import argparse
@@ -154,6 +155,20 @@ def run_worker(spec: dict) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def run_naive(spec: dict) -> dict:
+    """The naive row; if it cannot fit, measure it at N/2, N/4, ... and scale time and memory
+    linearly in N (every naive buffer is (N, V), so both are linear), marked 'naive~'."""
+    n, *rest = spec["shape"]
+    r = run_worker({**spec, "impl": "naive"})
+    m = n
+    while "skipped" in r and r["skipped"].startswith("OOM") and m > 256:
+        m //= 2
+        r = run_worker({**spec, "shape": (m, *rest), "impl": "naive"})
+    if m != n and "ms" in r:
+        r = {"ms": r["ms"] * n / m, "peak_bytes": r["peak_bytes"] * n / m, "scaled_from": m}
+    return r
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", action="append", help="N,Hs,Ht,V (repeatable); default per device")
@@ -187,18 +202,21 @@ def main() -> None:
         print(f"# shape {shape}: matmul rate {rate_txt}, lm_head bound {bound_ms or float('nan'):.0f} ms")
         for name in args.divergence:
             spec = {**base, "shape": shape, "divergence": name}
-            rows = {impl: run_worker({**spec, "impl": impl}) for impl in ("naive", "fused")}
+            rows = {"naive": run_naive(spec), "fused": run_worker({**spec, "impl": "fused"})}
             ref = rows["naive"]
             for impl, r in rows.items():
                 label = f"{name:<16} {str(shape):<26} {impl:<6} "
                 if "skipped" in r:
                     print(label + r["skipped"])
                     continue
+                if "scaled_from" in r:
+                    label = f"{name:<16} {str(shape):<26} {'naive~':<6} "
                 t_ratio = f"{r['ms'] / ref['ms']:.2f}" if "ms" in ref else "-"
                 m_ratio = f"{r['peak_bytes'] / ref['peak_bytes']:.3f}" if "peak_bytes" in ref else "-"
                 x_bound = f"{r['ms'] / bound_ms:.2f}" if bound_ms else "-"
                 mib = r["peak_bytes"] / 2**20
-                print(label + f"{r['ms']:>10.1f} {mib:>10.0f} {t_ratio:>8} {m_ratio:>9} {x_bound:>8}")
+                note = f"  (measured at N={r['scaled_from']}, scaled x{n // r['scaled_from']})" if "scaled_from" in r else ""
+                print(label + f"{r['ms']:>10.1f} {mib:>10.0f} {t_ratio:>8} {m_ratio:>9} {x_bound:>8}{note}")
             sys.stdout.flush()
 
 

@@ -1,5 +1,8 @@
 """Builders: config sections -> objects (models, tokenizers, datasets)."""
 
+import hashlib
+import json
+
 import torch
 
 from distill.config import DataConfig, ModelConfig, RunConfig
@@ -32,6 +35,15 @@ def build_model(mcfg: ModelConfig, tokenizer, role: str, seed: int):
     return load_causal_lm(name=mcfg.name, gguf_file=mcfg.gguf_file, dtype=mcfg.dtype)
 
 
+def model_id(mcfg: ModelConfig, seed: int) -> str:
+    """A stable identity of a model source: its name (and GGUF file), or its inline config
+    and init seed."""
+    if mcfg.name is not None:
+        return mcfg.name if mcfg.gguf_file is None else f"{mcfg.name}::{mcfg.gguf_file}"
+    digest = hashlib.sha256(json.dumps(mcfg.config, sort_keys=True).encode()).hexdigest()[:12]
+    return f"inline:{digest}:seed{seed}"
+
+
 def output_size(model) -> int:
     return model.get_output_embeddings().weight.shape[0]
 
@@ -40,8 +52,8 @@ def build_models(cfg: RunConfig):
     """Student, teacher (or None), the student's tokenizer and the shared real vocab size."""
     s_tok = build_tokenizer(cfg.student, "student")
     student = build_model(cfg.student, s_tok, "student", cfg.train.seed)
-    if cfg.objective.alpha == 0 or cfg.teacher is None:
-        return student, None, s_tok, len(s_tok)
+    if cfg.objective.alpha == 0 or cfg.teacher is None or cfg.teacher_cache is not None:
+        return student, None, s_tok, len(s_tok)  # a cached teacher is never loaded
     t_tok = build_tokenizer(cfg.teacher, "teacher")
     teacher = build_model(cfg.teacher, t_tok, "teacher", cfg.train.seed + 1)
     vocab = check_vocabularies(t_tok, s_tok, output_size(teacher), output_size(student))
@@ -62,3 +74,21 @@ def build_rows(dcfg: DataConfig, split: str) -> list[Row]:
 def build_examples(dcfg: DataConfig, tokenizer) -> list[Example]:
     rows = build_rows(dcfg, "train")
     return tokenize_rows(rows, tokenizer, dcfg.max_length, source=dcfg.source)
+
+
+def build_teacher_cache(cfg: RunConfig, tokenizer, examples: list[Example], student_vocab: int):
+    """The run's verified `TeacherCache`, or None without `teacher_cache` (or at alpha = 0)."""
+    from distill.teacher_cache import TeacherCache, dataset_hash, tokenizer_hash
+
+    if cfg.teacher_cache is None or cfg.objective.alpha == 0:
+        return None
+    expected = {
+        "tokenizer_hash": tokenizer_hash(tokenizer),
+        "dataset_hash": dataset_hash(examples),
+        "temperature": cfg.objective.temperature,
+        "teacher": None if cfg.teacher is None else model_id(cfg.teacher, cfg.train.seed + 1),
+    }
+    cache = TeacherCache(cfg.teacher_cache, expected)
+    if cache.vocab_size > student_vocab:
+        raise ConfigError(f"teacher_cache: vocabulary {cache.vocab_size} > the student's output size {student_vocab}")
+    return cache

@@ -51,6 +51,29 @@ def evaluate(
 
 
 @app.command()
+def cache(
+    config: Annotated[str, typer.Argument(help="Run config YAML (its teacher, data and objective.temperature).")],
+    overrides: Annotated[list[str] | None, typer.Argument(help="Dotted overrides: data.n_train=5000")] = None,
+    out: Annotated[str, typer.Option(help="Cache directory (rerun the same command to resume).")] = "teacher-cache",
+    top_k: Annotated[int, typer.Option(help="Teacher ids kept per token.")] = 32,
+    dtype: Annotated[str, typer.Option(help="Stored log-prob dtype: float16 or float32.")] = "float16",
+    shard_examples: Annotated[int, typer.Option(help="Examples per shard file.")] = 1024,
+    batch_size: Annotated[int, typer.Option(help="Examples per teacher forward pass.")] = 16,
+):
+    """Run the teacher once over the training data; store its top-k per token for `teacher_cache=`."""
+    from distill.config import load_config
+    from distill.teacher_cache import write_teacher_cache
+
+    cfg = load_config(config, overrides or [])
+    manifest = write_teacher_cache(cfg, out, top_k, dtype, shard_examples, batch_size)
+    tokens = sum(s["tokens"] for s in manifest["shards"])
+    size = sum(s["bytes"] for s in manifest["shards"])
+    summary = {"out": out, "examples": manifest["n_examples"], "tokens": tokens, "bytes": size}
+    summary["bytes_per_token"] = size / max(tokens, 1)
+    typer.echo(json.dumps(summary, indent=2))
+
+
+@app.command()
 def demo(
     out: Annotated[str, typer.Option(help="Where the demo's runs go.")] = "distill-demo",
     seed: Annotated[int, typer.Option(help="Seed of the students' training.")] = 0,

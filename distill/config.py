@@ -62,9 +62,16 @@ class DataConfig(Section):
 
 class ObjectiveConfig(Section):
     alpha: float = Field(0.5, ge=0.0, le=1.0)
-    """Weight of the distillation term: (1 - alpha) * task CE + alpha * T^2 * D. 0 = labels only."""
+    """Weight of the distillation term: (1 - alpha) * task CE + alpha * T^2 * D (T^2 only with
+    t_squared). 0 = labels only, no teacher loaded."""
     temperature: float = Field(2.0, gt=0.0)
-    """Loss temperature T that softens both distributions (not a sampling temperature)."""
+    """Loss temperature T: both models' logits are divided by T before the divergence, which
+    softens the distributions and exposes the teacher's ranking of wrong tokens. It shapes
+    the loss only; it is not a sampling temperature (evaluation decodes greedily)."""
+    t_squared: bool = True
+    """Multiply the KD term by T^2 (Hinton 2015): the soft-target gradients shrink like 1/T^2,
+    so this keeps the KD term's scale comparable across temperatures and to the task CE.
+    false: the KD term is alpha * D, unscaled."""
     divergence: Literal["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd"] = "forward_kl"
     """D: forward KL (mean-seeking), reverse KL (mode-seeking), generalized JSD, skew KLs, TVD."""
     jsd_beta: float = Field(0.5, ge=0.0, le=1.0)
@@ -77,6 +84,10 @@ class ObjectiveConfig(Section):
     both models' logits are a plain lm_head of their last hidden state; true: require it."""
     chunk_size: int | None = Field(None, ge=1)
     """Tokens per chunk of the fused path; null: about 2**25 logits per chunk (V=128k: 261)."""
+
+    def term_weights(self) -> tuple[float, float]:
+        """(task CE weight, KD weight): (1 - alpha, alpha * T^2), or alpha without t_squared."""
+        return 1.0 - self.alpha, self.alpha * (self.temperature**2 if self.t_squared else 1.0)
 
     def divergence_params(self) -> dict[str, float]:
         if self.divergence == "jsd":
@@ -133,13 +144,17 @@ class RunConfig(Section):
     objective: ObjectiveConfig = ObjectiveConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
+    teacher_cache: str | None = None
+    """A directory written by `distill cache` for this data and temperature: the KD term then
+    uses the cached top-k teacher distribution (sparse divergence) and no teacher model is
+    loaded. A cache of another tokenizer, dataset or temperature is refused."""
     out_dir: str = "runs/run"
     """The run directory."""
 
     @model_validator(mode="after")
     def _teacher_needed(self):
-        if self.objective.alpha > 0 and self.teacher is None:
-            raise ValueError("objective.alpha > 0 distils from a teacher, but no 'teacher' is configured")
+        if self.objective.alpha > 0 and self.teacher is None and self.teacher_cache is None:
+            raise ValueError("objective.alpha > 0 distils from a teacher, but neither 'teacher' nor 'teacher_cache' is set")
         return self
 
 

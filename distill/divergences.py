@@ -208,6 +208,7 @@ def sparse_per_token(
     teacher_ids: torch.Tensor,
     teacher_logprobs: torch.Tensor,
     temperature: float = 1.0,
+    teacher_rest: torch.Tensor | None = None,
     **params: float,
 ) -> torch.Tensor:
     """Per-token divergence `name` against a teacher known only by its top-k, on k + 1 buckets.
@@ -229,6 +230,11 @@ def sparse_per_token(
         teacher_ids: (..., k) long, distinct ids in [0, V) per position, 1 <= k <= V.
         teacher_logprobs: (..., k) log p_T of those ids (-inf allowed).
         temperature: loss temperature T applied to the student, > 0.
+        teacher_rest: optional (...) log of the teacher's leftover mass, as stored by a
+            teacher cache (exact in fp32 even when the top-k log-probs are stored in fp16,
+            where 1 - sum p_topk would lose the small leftovers). Given, the k + 1 buckets
+            are normalised jointly instead of derived from the top-k sum; with no student
+            rest (k = V) it is dropped as above.
         **params: as in `per_token`.
 
     Returns:
@@ -259,6 +265,14 @@ def sparse_per_token(
     # either, so a positive leftover is rounding residue that would make forward KL +inf.
     # Without a rest bucket the top-k is renormalised, so the buckets still sum to 1 and the
     # KLs stay >= 0 (bf16-stored log-probs are off by ~0.4%).
+    if teacher_rest is not None:
+        if teacher_rest.shape != lead:
+            raise ValueError(f"teacher_rest must have shape {tuple(lead)}, got {tuple(teacher_rest.shape)}")
+        rest_given = torch.where(empty, -math.inf, teacher_rest.to(dtype))  # (...)
+        both = torch.cat([log_p_top, rest_given.unsqueeze(-1)], dim=-1)  # (..., k + 1)
+        log_p = both - both.logsumexp(-1, keepdim=True)  # (..., k + 1) sums to 1
+        log_q = torch.cat([log_q_top, log_q_rest.unsqueeze(-1)], dim=-1)  # (..., k + 1)
+        return fn(log_q, log_p, **params)
     total = log_p_top.logsumexp(-1)  # (...)
     none_left = (total >= 0) | empty  # (...)
     shift = torch.where(none_left & (total > -math.inf), total, 0.0)  # (...)
@@ -278,13 +292,15 @@ def sparse_divergence(
     teacher_logprobs: torch.Tensor,
     mask: torch.Tensor,
     temperature: float = 1.0,
+    teacher_rest: torch.Tensor | None = None,
     **params: float,
 ) -> torch.Tensor:
     """Sum over valid tokens of `sparse_per_token(name, ...)`.
 
     Args:
-        name, student_logits, teacher_ids, teacher_logprobs, temperature, params: as in
-            `sparse_per_token`; ids at masked positions may be anything (they are replaced).
+        name, student_logits, teacher_ids, teacher_logprobs, temperature, teacher_rest,
+            params: as in `sparse_per_token`; values at masked positions may be anything
+            (they are replaced).
         mask: (...) bool, True where the token counts.
 
     Returns:
@@ -299,4 +315,7 @@ def sparse_divergence(
     s = torch.where(keep, student_logits, 0.0)  # (..., V)
     ids = torch.where(keep, teacher_ids, torch.arange(k, device=teacher_ids.device))  # (..., k)
     logp = torch.where(keep, teacher_logprobs, -math.log(vocab))  # (..., k)
-    return torch.where(mask, sparse_per_token(name, s, ids, logp, temperature, **params), 0.0).sum()
+    rest = None
+    if teacher_rest is not None:
+        rest = torch.where(mask, teacher_rest, math.log1p(-k / vocab) if k < vocab else -math.inf)  # (...)
+    return torch.where(mask, sparse_per_token(name, s, ids, logp, temperature, rest, **params), 0.0).sum()

@@ -4,8 +4,9 @@
 and returns the SUM over valid tokens of `distill.divergences.per_token` (plus an optional,
 explicitly weighted hard cross-entropy). Tokens are processed `chunk_size` at a time: for
 each chunk the student and teacher logits (chunk, V) are formed in fp32, the per-token
-divergence is computed, and - in the forward pass, so there is no second pass - the
-gradient w.r.t. the chunk's student logits is taken and immediately contracted into the
+divergence is computed, and - in the forward pass, so there is no second pass - its
+closed-form gradient w.r.t. the chunk's student logits (`distill.logit_grads`, no autograd
+graph) is formed and immediately contracted into the
 gradients of the student hidden states, lm_head weight and bias. Only those two/three
 gradients are kept for backward, which just scales them by grad_output. Peak extra memory
 is therefore O(chunk * V) rather than O(N * V). The teacher receives no gradient.
@@ -18,11 +19,12 @@ import math
 import torch
 from torch.autograd.function import once_differentiable
 
-from distill.divergences import per_token, resolve_divergence
+from distill.divergences import resolve_divergence
+from distill.logit_grads import log_softmax_, log_probs_value_and_grad
 from distill.losses import IGNORE_INDEX
 
 # Auto chunk: about 2**25 logits (128 MiB in fp32) per (chunk, V) buffer, whatever V is;
-# the chunk's autograd keeps ~10 such buffers alive, so ~1.3 GiB at any vocabulary size.
+# a chunk keeps at most ~6 such buffers alive (logits, log-probs, probs, gradient, scratch).
 CHUNK_LOGITS = 1 << 25
 
 
@@ -92,23 +94,35 @@ class _FusedKD(torch.autograd.Function):
         grad_b = torch.zeros(b_s.shape, dtype=dtype, device=b_s.device) if need_b and b_s is not None else None
 
         rows = valid.nonzero().squeeze(1)  # (n,) masked tokens skip all compute
+        temperature: float = opts["temperature"]
         for start in range(0, rows.numel(), chunk):
             idx = rows[start : start + chunk]  # (c,)
             hs = h_s.index_select(0, idx)  # (c, Hs)
-            t_logits = _logits(h_t.index_select(0, idx), wt, bt, dtype)  # (c, V) no grad (grad mode is off)
-            s_logits = _logits(hs, ws, bs, dtype).requires_grad_(True)  # (c, V) local leaf
-            with torch.enable_grad():
-                div = per_token(opts["divergence"], s_logits, t_logits, opts["temperature"], **opts["params"]).sum()
-                value = div_weight * div
-                if want_ce:
-                    assert labels is not None
-                    ce = torch.nn.functional.cross_entropy(s_logits, labels.index_select(0, idx), reduction="sum")
-                    value = value + ce_weight * ce
-                    terms[1] += ce.detach()
-            (g,) = torch.autograd.grad(value, s_logits)  # (c, V) d(chunk loss)/d(student logits)
-            loss += value.detach()
-            terms[0] += div.detach()
-            del s_logits, t_logits, value, div
+            s_logits = _logits(hs, ws, bs, dtype)  # (c, V)
+            t_logits = _logits(h_t.index_select(0, idx), wt, bt, dtype)  # (c, V)
+            if want_ce:
+                assert labels is not None
+                target = labels.index_select(0, idx).unsqueeze(1)  # (c, 1)
+                log_sm = torch.log_softmax(s_logits, dim=-1) if temperature != 1.0 else None  # (c, V) at T = 1
+            log_q = log_softmax_(s_logits, temperature)  # (c, V) in place
+            log_p = log_softmax_(t_logits, temperature)  # (c, V) in place
+            div_tok, g = log_probs_value_and_grad(opts["divergence"], log_q, log_p, temperature, **opts["params"])
+            div = div_tok.sum()
+            if div_weight != 1.0:
+                g.mul_(div_weight)  # (c, V) d(chunk loss)/d(student logits)
+            loss += div_weight * div
+            terms[0] += div
+            del t_logits, log_p, div_tok
+            if want_ce:
+                log_sm = log_q if log_sm is None else log_sm  # (c, V)
+                ce = -log_sm.gather(1, target).sum()
+                terms[1] += ce
+                if ce_weight > 0:
+                    loss += ce_weight * ce
+                    g.add_(log_sm.exp_(), alpha=ce_weight)  # softmax(s) - onehot(target)
+                    g.scatter_add_(1, target, torch.full_like(target, -ce_weight, dtype=g.dtype))
+                del log_sm
+            del s_logits, log_q
             if grad_h is not None:
                 grad_h.index_copy_(0, idx, (g.to(ws.dtype) @ ws).to(grad_h.dtype))  # (c, Hs)
             if grad_w is not None:
@@ -182,7 +196,7 @@ def fused_kd_loss(
         hard_ce_weight: weight of the hard-label cross-entropy sum; 0 (default) adds nothing.
         divergence_weight: weight of the divergence sum (1 by default; the loop passes
             alpha * T^2 so one pass yields the whole objective).
-        chunk_size: tokens per chunk; peak extra memory is about ten (chunk_size, V) fp32
+        chunk_size: tokens per chunk; peak extra memory is about six (chunk_size, V) fp32
             tensors. None: `auto_chunk_size(V)` (2**25 logits per buffer).
         return_terms: also return the unweighted sums [divergence, CE] (2,) for logging
             (CE is computed when labels are given, even at weight 0).

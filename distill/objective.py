@@ -2,6 +2,8 @@
 
     loss = (1 - alpha) * task_ce + alpha * T^2 * D(teacher, student)
 
+(T^2 only when `objective.t_squared`; the weights come from `ObjectiveConfig.term_weights`.)
+
 D is any divergence of `distill.divergences` (forward KL by default, Hinton 2015).
 
 Terms are computed on next-token positions: logits at t predict the token at t + 1.
@@ -9,7 +11,7 @@ Terms are computed on next-token positions: logits at t predict the token at t +
 
 import torch
 
-from distill.divergences import divergence
+from distill.divergences import divergence, sparse_divergence
 from distill.fused import fused_kd_loss
 from distill.losses import IGNORE_INDEX, cross_entropy
 
@@ -49,11 +51,41 @@ def term_sums(
     return terms
 
 
-def combine(terms: dict[str, torch.Tensor], alpha: float, temperature: float) -> torch.Tensor:
-    """Weighted sum of the term sums (still a sum over tokens, not yet normalised)."""
+def sparse_term_sums(
+    student_logits: torch.Tensor,
+    labels: torch.Tensor,
+    teacher_ids: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    teacher_rest: torch.Tensor,
+    vocab_size: int,
+    temperature: float,
+    divergence_name: str = "forward_kl",
+    divergence_params: dict[str, float] | None = None,
+) -> dict[str, torch.Tensor]:
+    """`term_sums` against a cached top-k teacher (`distill.teacher_cache`).
+
+    Args:
+        student_logits: (B, T, Vs).
+        labels: (B, T) with IGNORE_INDEX where there is no target.
+        teacher_ids, teacher_logprobs: (B, T-1, k) the teacher's top-k at each next-token
+            position (already at the loss temperature), garbage where there is no target.
+        teacher_rest: (B, T-1) log of the teacher's leftover mass.
+    """
+    targets = next_token_targets(labels)  # (B, T-1)
+    mask = targets != IGNORE_INDEX
+    s = student_logits[:, :-1, :vocab_size]  # (B, T-1, V)
+    kd = sparse_divergence(
+        divergence_name, s, teacher_ids, teacher_logprobs, mask, temperature, teacher_rest, **(divergence_params or {})
+    )
+    return {"task_ce": cross_entropy(s, targets), "kd": kd}
+
+
+def combine(terms: dict[str, torch.Tensor], ce_weight: float, kd_weight: float) -> torch.Tensor:
+    """ce_weight * task_ce + kd_weight * kd (still a sum over tokens, not yet normalised);
+    the task CE alone, unweighted, for a label-only run."""
     if "kd" not in terms:
         return terms["task_ce"]
-    return (1 - alpha) * terms["task_ce"] + alpha * temperature**2 * terms["kd"]
+    return ce_weight * terms["task_ce"] + kd_weight * terms["kd"]
 
 
 def fused_term_sums(
@@ -63,7 +95,8 @@ def fused_term_sums(
     teacher_head: torch.nn.Linear,
     labels: torch.Tensor,
     vocab_size: int,
-    alpha: float,
+    ce_weight: float,
+    kd_weight: float,
     temperature: float,
     divergence_name: str = "forward_kl",
     divergence_params: dict[str, float] | None = None,
@@ -77,6 +110,7 @@ def fused_term_sums(
         teacher_hidden: (B, T, Ht) final teacher hidden states.
         teacher_head: the teacher's lm_head.
         labels: (B, T) with IGNORE_INDEX where there is no target.
+        ce_weight, kd_weight: the term weights (`ObjectiveConfig.term_weights`).
 
     Returns:
         (the weighted loss sum, {"task_ce": sum, "kd": sum}) like `combine(term_sums(...))`.
@@ -95,8 +129,8 @@ def fused_term_sums(
         student_bias=student_head.bias,
         teacher_bias=teacher_head.bias,
         vocab_size=vocab_size,
-        hard_ce_weight=1 - alpha,
-        divergence_weight=alpha * temperature**2,
+        hard_ce_weight=ce_weight,
+        divergence_weight=kd_weight,
         chunk_size=chunk_size,
         return_terms=True,
         **(divergence_params or {}),

@@ -18,12 +18,12 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from distill.build import build_examples, build_models
+from distill.build import build_examples, build_models, build_teacher_cache, output_size
 from distill.config import RunConfig, dump_config
 from distill.data import IGNORE_INDEX, collate, global_batch_indices, micro_batches
 from distill.errors import DistillError
 from distill.models import count_parameters
-from distill.objective import combine, fused_term_sums, head_matches_logits, term_sums
+from distill.objective import combine, fused_term_sums, head_matches_logits, sparse_term_sums, term_sums
 from distill.paths import atomic_write_json, atomic_write_text
 from distill.progress import Progress
 
@@ -110,16 +110,20 @@ def micro_batch_objective(student, teacher, batch, use_fused: bool, s_head, t_he
         with torch.no_grad():
             h_t = teacher(**inputs, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]  # (B, T, Ht)
         return fused_term_sums(
-            h_s, s_head, h_t, t_head, batch["labels"], vocab, obj.alpha, obj.temperature, obj.divergence, params,
-            obj.chunk_size,
+            h_s, s_head, h_t, t_head, batch["labels"], vocab, *obj.term_weights(), obj.temperature, obj.divergence,
+            params, obj.chunk_size,
         )
     logits = student(**inputs).logits  # (B, T, V)
+    if "teacher_ids" in batch:  # a cached top-k teacher: no teacher model at all
+        cached = (batch["teacher_ids"], batch["teacher_logprobs"], batch["teacher_rest"])
+        terms = sparse_term_sums(logits, batch["labels"], *cached, vocab, obj.temperature, obj.divergence, params)
+        return combine(terms, *obj.term_weights()), terms
     teacher_logits = None
     if teacher is not None:
         with torch.no_grad():
             teacher_logits = teacher(**inputs).logits  # (B, T, V)
     terms = term_sums(logits, batch["labels"], teacher_logits, vocab, obj.temperature, obj.divergence, params)
-    return combine(terms, obj.alpha, obj.temperature), terms
+    return combine(terms, *obj.term_weights()), terms
 
 
 def train(cfg: RunConfig, resume: bool = False, show_progress: bool = True) -> dict:
@@ -131,6 +135,7 @@ def train(cfg: RunConfig, resume: bool = False, show_progress: bool = True) -> d
     set_seed(cfg.train.seed)
     student, teacher, tokenizer, vocab = build_models(cfg)
     examples = build_examples(cfg.data, tokenizer)
+    cache = build_teacher_cache(cfg, tokenizer, examples, output_size(student))
     check_run_dir(run_dir, resume)
     if acc.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -177,10 +182,12 @@ def train(cfg: RunConfig, resume: bool = False, show_progress: bool = True) -> d
     for step in range(start, t.steps):
         t0 = time.perf_counter()
         indices = global_batch_indices(step, len(examples), global_batch, t.seed)
-        batches = [
-            {k: v.to(acc.device) for k, v in collate([examples[i] for i in mb], tokenizer.pad_token_id).items()}
-            for mb in micro_batches(indices, rank, world, t.micro_batch_size)
-        ]
+        batches = []
+        for mb in micro_batches(indices, rank, world, t.micro_batch_size):
+            batch = collate([examples[i] for i in mb], tokenizer.pad_token_id)
+            if cache is not None:
+                batch = cache.attach(batch, mb)
+            batches.append({k: v.to(acc.device) for k, v in batch.items()})
         local_valid = sum((b["labels"][:, 1:] != IGNORE_INDEX).sum() for b in batches)
         n_valid = acc.reduce(torch.as_tensor(local_valid, device=acc.device, dtype=torch.float64), "sum").item()
         sums: dict[str, torch.Tensor] = {}
@@ -235,6 +242,7 @@ def train(cfg: RunConfig, resume: bool = False, show_progress: bool = True) -> d
         "tokens_per_s": tokens_seen / wall if wall > 0 else 0.0,
         "processes": world,
         "fused_loss": use_fused,
+        "teacher": "cache" if cache is not None else "live" if teacher is not None else None,
     }
     if acc.is_main_process:
         atomic_write_json(run_dir / "train_summary.json", summary)

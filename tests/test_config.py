@@ -39,7 +39,7 @@ def test_out_of_range_value(tmp_path):
 
 
 def test_kd_without_teacher_is_an_error(tmp_path):
-    with pytest.raises(ConfigError, match="no 'teacher'"):
+    with pytest.raises(ConfigError, match="neither 'teacher' nor 'teacher_cache' is set"):
         load_config(write(tmp_path, BASE), ["objective.alpha=0.5"])
 
 

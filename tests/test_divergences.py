@@ -311,6 +311,34 @@ def test_sparse_forward_kl_gap_shrinks_with_k():
     assert gaps[2].abs().max().item() < 1e-12
 
 
+@pytest.mark.parametrize("name,params", CONFIGS, ids=IDS)
+def test_sparse_with_a_stored_leftover(name, params):
+    """A cache stores log(leftover) exactly; given it, the buckets equal the derived ones,
+    and fp16-stored top-k log-probs still give (normalised) buckets near the exact value."""
+    V, k = 12, 4
+    s, t = rand(3, V, seed=21, scale=2), rand(3, V, seed=22, scale=2)
+    t[:, 0] += 6.0  # most mass in the top-k: the leftover is small, where 1 - sum p loses digits
+    logp = torch.log_softmax(t / 1.5, -1)
+    top = logp.topk(k, dim=-1)
+    rest = logp.scatter(-1, top.indices, -INF).logsumexp(-1)  # (3,)
+    derived = sparse_per_token(name, s, top.indices, top.values, 1.5, **params)
+    stored = sparse_per_token(name, s, top.indices, top.values, 1.5, teacher_rest=rest, **params)
+    torch.testing.assert_close(stored, derived, rtol=1e-9, atol=1e-12)
+    half = top.values.half().double()
+    approx = sparse_per_token(name, s, top.indices, half, 1.5, teacher_rest=rest.float().double(), **params)
+    torch.testing.assert_close(approx, derived, rtol=2e-2, atol=2e-3)
+    all_ids = logp.topk(V, dim=-1)  # k = V: no rest bucket whatever is passed
+    full = sparse_per_token(name, s, all_ids.indices, all_ids.values, 1.5, teacher_rest=rest, **params)
+    torch.testing.assert_close(full, per_token(name, s, t, 1.5, **params), rtol=1e-9, atol=1e-12)
+    mask = torch.tensor([True, False, True])
+    summed = sparse_divergence(name, s, top.indices, top.values, mask, 1.5, teacher_rest=rest, **params)
+    torch.testing.assert_close(summed, stored[mask].sum(), rtol=1e-12, atol=1e-12)
+    s = s.clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(
+        lambda a: sparse_divergence(name, a, top.indices, top.values, mask, 1.5, teacher_rest=rest, **params), (s,)
+    )
+
+
 # --- 6. dtypes and errors -------------------------------------------------------------------
 
 

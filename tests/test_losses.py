@@ -3,6 +3,7 @@ import math
 import pytest
 import torch
 
+from distill.config import ObjectiveConfig
 from distill.divergences import divergence
 from distill.losses import IGNORE_INDEX, cross_entropy
 from distill.objective import combine, term_sums
@@ -33,8 +34,17 @@ def test_kd_objective_matches_kldivloss_batchmean_on_chapter_example():
     kl = divergence("forward_kl", student, teacher, mask, temp) / (B * T)
     assert kl.item() == pytest.approx(ref_kl.item(), abs=1e-6)
     ce = cross_entropy(student, labels) / (B * T)
-    ours = combine({"task_ce": ce, "kd": kl}, alpha, temp)
+    weights = ObjectiveConfig(alpha=alpha, temperature=temp).term_weights()
+    ours = combine({"task_ce": ce, "kd": kl}, *weights)
     assert ours.item() == pytest.approx(ref.item(), abs=1e-6)
+
+
+def test_t_squared_is_an_explicit_option():
+    assert ObjectiveConfig(alpha=0.25, temperature=4.0).term_weights() == (0.75, 0.25 * 16)
+    assert ObjectiveConfig(alpha=0.25, temperature=4.0, t_squared=False).term_weights() == (0.75, 0.25)
+    terms = {"task_ce": torch.tensor(2.0), "kd": torch.tensor(3.0)}
+    assert combine(terms, 0.75, 0.25).item() == pytest.approx(0.75 * 2 + 0.25 * 3)
+    assert combine({"task_ce": torch.tensor(2.0)}, 0.75, 4.0).item() == 2.0  # labels only: CE, unweighted
 
 
 def test_term_sums_shift_and_mask():

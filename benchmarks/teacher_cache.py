@@ -1,0 +1,194 @@
+"""Offline teacher cache on a real teacher and real text: size, fidelity, speed, quality.
+
+    python benchmarks/teacher_cache.py                     # SmolLM2-135M-Instruct, CPython prose
+    python benchmarks/teacher_cache.py --seeds 0 1 --epochs 1 --work /tmp/cache-bench
+
+Teacher: the packaged SmolLM2-135M-Instruct (no download). Text: paragraphs of CPython's
+language reference (`pydoc_data.topics`), split by hash into train and held-out rows.
+Prints three tables:
+
+1. per k in --ks: bytes per token of the written cache (shard files / cached tokens) and
+   the mean per-token reconstruction KL(p || p_hat) on the held-out rows, where p is the
+   full teacher distribution and p_hat keeps the cached top-k probabilities (as stored, in
+   --dtype) and spreads the cached leftover mass evenly over the other V - k ids;
+2. per seed: a student trained from the cache (k = --train-k) vs one trained with the live
+   teacher, same config, data order and steps: wall time of one epoch and the held-out
+   forward KL(teacher || student) at T = 1, mean over held-out target tokens;
+3. mean and spread over seeds.
+The student is a narrow llama with SmolLM2's tokenizer (another width; random init).
+"""
+
+import argparse
+import hashlib
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+SMOL = "packaged:smollm2-135m-instruct"
+STUDENT = {
+    "model_type": "llama",
+    "hidden_size": 256,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "intermediate_size": 768,
+    "max_position_embeddings": 512,
+    "tie_word_embeddings": True,
+}
+
+
+def prose_rows(work: Path) -> tuple[Path, Path]:
+    """Train / held-out JSONL of CPython reference paragraphs, split by a hash of the text."""
+    from pydoc_data.topics import topics
+
+    train, held = [], []
+    for name in sorted(topics):
+        for para in topics[name].split("\n\n"):
+            para = " ".join(para.split())
+            if 80 < len(para) < 600 and not para.startswith(("*", "|", ">>>")):
+                bucket = int(hashlib.sha256(para.encode()).hexdigest(), 16) % 10
+                (held if bucket == 0 else train).append({"text": para})
+    paths = work / "train.jsonl", work / "heldout.jsonl"
+    for path, rows in zip(paths, (train, held)):
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return paths
+
+
+def run_tree(train_path: Path, held_path: Path, out: Path, seed: int, steps: int, batch: int) -> dict:
+    return {
+        "student": {"config": STUDENT, "tokenizer": SMOL},
+        "teacher": {"name": SMOL},
+        "data": {"source": str(train_path), "eval_source": str(held_path), "max_length": 256},
+        "objective": {"alpha": 0.5, "temperature": 1.0, "divergence": "forward_kl"},
+        "train": {"steps": steps, "micro_batch_size": batch, "lr": 2e-3, "warmup_steps": 10, "seed": seed},
+        "out_dir": str(out),
+    }
+
+
+@torch.no_grad()
+def teacher_log_probs(teacher, examples, pad_id: int, vocab: int) -> torch.Tensor:
+    """(n, V) full teacher log-probs at every held-out next-token target, T = 1."""
+    from distill.data import collate
+    from distill.losses import IGNORE_INDEX
+
+    out = []
+    for i in range(0, len(examples), 16):
+        b = collate(examples[i : i + 16], pad_id)
+        logits = teacher(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1, :vocab]
+        out.append(torch.log_softmax(logits[b["labels"][:, 1:] != IGNORE_INDEX].float(), -1))
+    return torch.cat(out)
+
+
+def reconstruction_kl(log_p: torch.Tensor, ids: torch.Tensor, logprobs: torch.Tensor, rest: torch.Tensor) -> float:
+    """Mean over tokens of KL(p || p_hat), p_hat = stored top-k + leftover spread evenly."""
+    n, vocab = log_p.shape
+    k = ids.shape[1]
+    both = torch.cat([logprobs.float(), rest.unsqueeze(1)], 1)
+    both = both - both.logsumexp(1, keepdim=True)  # the buckets as the loss normalises them
+    log_hat = (both[:, k] - torch.log(torch.tensor(float(vocab - k)))).unsqueeze(1).expand(n, vocab).clone()
+    log_hat.scatter_(1, ids, both[:, :k])
+    p = log_p.exp()
+    return (p * (log_p - log_hat)).sum(1).mean().item()
+
+
+@torch.no_grad()
+def heldout_kl(student, teacher_lp: torch.Tensor, examples, pad_id: int, vocab: int) -> float:
+    """Mean forward KL(teacher || student) at T = 1 over held-out next-token targets."""
+    student_lp = teacher_log_probs(student, examples, pad_id, vocab)
+    return (teacher_lp.exp() * (teacher_lp - student_lp)).sum(1).mean().item()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", default="/tmp/distill-cache-bench")
+    parser.add_argument("--ks", type=int, nargs="+", default=[8, 32, 128])
+    parser.add_argument("--dtype", default="float16", choices=["float16", "float32"])
+    parser.add_argument("--train-k", type=int, default=32)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=16)
+    args = parser.parse_args()
+
+    from distill.build import build_examples, build_tokenizer
+    from distill.config import DataConfig, build_config
+    from distill.evaluate import load_student
+    from distill.models import load_causal_lm
+    from distill.teacher_cache import TeacherCache, write_teacher_cache
+    from distill.train import train
+
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    train_path, held_path = prose_rows(work)
+    tok = build_tokenizer(build_config(run_tree(train_path, held_path, work, 0, 1, 1)).teacher, "teacher")
+    vocab = len(tok)
+    n_train = len(build_examples(DataConfig(source=str(train_path), max_length=256), tok))
+    held = build_examples(DataConfig(source=str(held_path), max_length=256), tok)
+    steps_per_epoch = n_train // args.batch
+    steps = steps_per_epoch * args.epochs
+    teacher = load_causal_lm(SMOL).eval()
+    teacher_lp = teacher_log_probs(teacher, held, tok.pad_token_id, vocab)
+    print(f"# {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    print(f"# teacher {SMOL} (V={vocab}); {n_train} train rows, {len(held)} held-out rows "
+          f"({teacher_lp.shape[0]} held-out target tokens); full distribution = {vocab * 2:,} B/token in bf16")  # fmt: skip
+
+    # 1. size and fidelity per k (the cache of the held-out rows, compared with the full teacher)
+    print("\n| k | dtype | bytes/token | reconstruction KL (nats/token) | cache write s (train rows) |")
+    print("|---|---|---|---|---|")
+    caches = {}
+    for k in args.ks:
+        tree = run_tree(train_path, held_path, work / "unused", 0, 1, 1)
+        t0 = time.perf_counter()
+        manifest = write_teacher_cache(build_config(tree), work / f"cache-k{k}", k, args.dtype, 256, 16, False)
+        write_s = time.perf_counter() - t0
+        caches[k] = work / f"cache-k{k}"
+        bytes_per_token = sum(s["bytes"] for s in manifest["shards"]) / sum(s["tokens"] for s in manifest["shards"])
+        held_tree = {**tree, "data": {**tree["data"], "source": str(held_path)}}
+        held_manifest_dir = work / f"held-k{k}"
+        write_teacher_cache(build_config(held_tree), held_manifest_dir, k, args.dtype, 1024, 16, False)
+        cache = TeacherCache(held_manifest_dir, {})
+        parts = [cache.example(i) for i in range(len(held))]
+        ids, lps, rests = (torch.cat([p[j] for p in parts]) for j in range(3))
+        kl = reconstruction_kl(teacher_lp, ids, lps, rests)
+        print(f"| {k} | {args.dtype} | {bytes_per_token:.1f} | {kl:.5f} | {write_s:.1f} |", flush=True)
+
+    # 2. students: cache vs live teacher, equal steps
+    print(f"\n{steps} steps = {args.epochs} epochs of {steps_per_epoch} steps x {args.batch} rows; "
+          f"alpha 0.5, T 1, forward KL; cache k={args.train_k} {args.dtype}")  # fmt: skip
+    print("\n| seed | teacher | epoch wall s | held-out KL(teacher ‖ student) |")
+    print("|---|---|---|---|")
+    results: dict[str, list[tuple[float, float]]] = {"live": [], "cache": []}
+    for seed in args.seeds:
+        for mode in ("live", "cache"):
+            out = work / f"student-{mode}-s{seed}"
+            tree = run_tree(train_path, held_path, out, seed, steps, args.batch)
+            if mode == "cache":
+                tree["teacher_cache"] = str(caches[args.train_k])
+            if out.exists():
+                import shutil
+
+                shutil.rmtree(out)
+            summary = train(build_config(tree), show_progress=False)
+            student, _ = load_student(out)
+            kl = heldout_kl(student.eval(), teacher_lp, held, tok.pad_token_id, vocab)
+            epoch_s = summary["wall_s"] / args.epochs
+            results[mode].append((epoch_s, kl))
+            print(f"| {seed} | {mode} | {epoch_s:.1f} | {kl:.4f} |", flush=True)
+
+    def stat(xs: list[float]) -> str:
+        return f"{statistics.mean(xs):.4f} ± {statistics.stdev(xs):.4f}" if len(xs) > 1 else f"{xs[0]:.4f}"
+
+    print("\n| teacher | epoch wall s (mean) | held-out KL mean ± sd |")
+    print("|---|---|---|")
+    for mode, rows in results.items():
+        print(f"| {mode} | {statistics.mean(r[0] for r in rows):.1f} | {stat([r[1] for r in rows])} |")
+    live_s = statistics.mean(r[0] for r in results["live"])
+    cache_s = statistics.mean(r[0] for r in results["cache"])
+    print(f"\nepoch speed-up from the cache: {live_s / cache_s:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

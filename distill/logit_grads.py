@@ -1,0 +1,156 @@
+"""Closed-form per-token divergences AND their gradients w.r.t. the student logits.
+
+The fused loss (`distill.fused`) needs, for each chunk of tokens, the divergence value and
+d(value)/d(student logits). Asking autograd for that keeps about ten (chunk, V) buffers
+alive; the closed forms below need about four, and do no graph bookkeeping.
+
+With z = s / T, q = softmax(z) (student), p = softmax(t / T) (teacher), every divergence D
+here is a function of q, so by the softmax Jacobian
+
+    dD/ds_i = q_i * (a_i - sum_j q_j a_j) / T,    a_j = dD/dq_j  (any constant in a cancels)
+
+and for each divergence a has a simple form (m is the mixture of that divergence):
+
+    forward_kl        dD/ds = (q - p) / T                      (a_j = -p_j / q_j)
+    reverse_kl        a = log q - log p
+    jsd(beta)         a = (log q - log m) / beta,  m = beta p + (1 - beta) q
+                      (the -p/m terms of KL(p||m)/(1-beta) and KL(q||m)/beta cancel)
+    skew_forward_kl   q a = -(1 - alpha) q p / m,  m = alpha p + (1 - alpha) q
+    skew_reverse_kl   a = log q - log m - alpha q / m,  m = alpha q + (1 - alpha) p
+    tvd               a = sign(q - p) / 2
+
+Terms with q_j = 0 contribute 0 (the q_j factor wins: q log q -> 0). The values equal
+`distill.divergences.per_token` and the gradients equal its autograd gradient wherever that
+is finite (tested against autograd, gradcheck and the same Hypothesis extremes); where the
+true value is +inf (reverse KL with student mass on an id the teacher rules out) the
+gradient is NaN, as autograd's is. Everything is computed in fp32 (fp64 for fp64 inputs).
+"""
+
+import math
+
+import torch
+
+from distill.divergences import resolve_divergence
+
+
+def log_softmax_(x: torch.Tensor, temperature: float) -> torch.Tensor:
+    """In place: x (c, V) <- log_softmax(x / T) over the last dim. Returns x.
+
+    The row max is subtracted first (exactly), so log-probs near 0 keep full precision even
+    for logits of 1e4 (a bare x - logsumexp(x) would be off by ulp(1e4) ~ 1e-3).
+    """
+    if temperature != 1.0:
+        x.div_(temperature)
+    top = x.amax(dim=-1, keepdim=True)  # (c, 1)
+    x.sub_(torch.where(torch.isfinite(top), top, 0.0))
+    return x.sub_(torch.logsumexp(x, dim=-1, keepdim=True))
+
+
+def _xlogy_rows(p: torch.Tensor, log_p: torch.Tensor, log_r: torch.Tensor) -> torch.Tensor:
+    """sum_j p_j (log p_j - log r_j) per row (c,), with 0 where p_j = 0 (KL(p || r))."""
+    diff = log_p - log_r  # (c, V)
+    return torch.where(p > 0, p * diff, 0.0).sum(-1)  # (c,)
+
+
+def _mix(log_a: torch.Tensor, log_b: torch.Tensor, w: float) -> torch.Tensor:
+    """log(w a + (1 - w) b) (c, V) for 0 < w < 1; -inf where both are 0 (no NaN)."""
+    return torch.logaddexp(log_a + math.log(w), log_b + math.log1p(-w))
+
+
+def _softmax_chain(q: torch.Tensor, qa: torch.Tensor, temperature: float) -> torch.Tensor:
+    """In place into qa: q * (a - sum q a) / T from qa = q * a (c, V) (0 where q = 0)."""
+    qa.sub_(q * qa.sum(-1, keepdim=True))
+    if temperature != 1.0:
+        qa.div_(temperature)
+    return qa
+
+
+def per_token_and_grad(
+    name: str,
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    temperature: float = 1.0,
+    **params: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token divergence `name` (as `divergences.per_token`) and its student-logit gradient.
+
+    Args:
+        name: a key of `distill.divergences.DIVERGENCES`.
+        student_logits: (c, V) any float dtype. Not modified.
+        teacher_logits: (c, V) same shape. Not modified.
+        temperature: loss temperature T, > 0 (T^2 is the caller's).
+        **params: `beta` for jsd, `alpha` for the skew KLs, each in [0, 1].
+
+    Returns:
+        values (c,) and d(sum of values)/d(student_logits) (c, V), both fp32 (fp64 if an
+        input is fp64).
+    """
+    resolve_divergence(name, params, temperature)
+    if student_logits.shape != teacher_logits.shape or student_logits.dim() != 2:
+        raise ValueError(
+            f"need student and teacher logits of one shape (c, V), got "
+            f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}"
+        )
+    dtype = torch.promote_types(torch.float32, torch.promote_types(student_logits.dtype, teacher_logits.dtype))
+    log_q = log_softmax_(student_logits.to(dtype, copy=True), temperature)  # (c, V)
+    log_p = log_softmax_(teacher_logits.to(dtype, copy=True), temperature)  # (c, V)
+    return log_probs_value_and_grad(name, log_q, log_p, temperature, **params)
+
+
+def log_probs_value_and_grad(
+    name: str, log_q: torch.Tensor, log_p: torch.Tensor, temperature: float, **params: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`per_token_and_grad` from log-probabilities at temperature T; may overwrite log_p.
+
+    Args:
+        log_q: (c, V) student log_softmax(s / T), fp32/fp64.
+        log_p: (c, V) teacher log_softmax(t / T), same dtype; used as scratch space.
+
+    Returns:
+        values (c,), gradient w.r.t. the student logits s (c, V).
+    """
+    q = log_q.exp()  # (c, V)
+    if name == "jsd":
+        beta = params.get("beta", 0.5)
+        name, params = ("forward_kl", {}) if beta == 0 else ("reverse_kl", {}) if beta == 1 else (name, params)
+    if name in ("skew_forward_kl", "skew_reverse_kl") and params.get("alpha", 0.1) == 0:
+        name, params = ("forward_kl" if name == "skew_forward_kl" else "reverse_kl"), {}
+
+    if name == "forward_kl":
+        p = log_p.exp()  # (c, V)
+        value = _xlogy_rows(p, log_p, log_q)  # (c,)
+        grad = p.neg_().add_(q)  # (c, V) q - p
+        return value, (grad.div_(temperature) if temperature != 1.0 else grad)
+    if name == "reverse_kl":
+        value = _xlogy_rows(q, log_q, log_p)  # (c,)
+        qa = torch.where(q > 0, q * (log_q - log_p), 0.0)  # (c, V) q (log q - log p)
+        return value, _softmax_chain(q, qa, temperature)
+    if name == "jsd":
+        beta = params.get("beta", 0.5)
+        log_m = _mix(log_p, log_q, beta)  # (c, V)
+        p = log_p.exp()  # (c, V)
+        kl_qm = _xlogy_rows(q, log_q, log_m)  # (c,)
+        value = _xlogy_rows(p, log_p, log_m) / (1 - beta) + kl_qm / beta  # (c,)
+        qa = torch.where(q > 0, q * (log_q - log_m), 0.0).div_(beta)  # (c, V)
+        return value, _softmax_chain(q, qa, temperature)
+    if name == "skew_forward_kl":
+        alpha = params.get("alpha", 0.1)
+        log_m = _mix(log_p, log_q, alpha)  # (c, V)
+        p = log_p.exp()  # (c, V)
+        value = _xlogy_rows(p, log_p, log_m)  # (c,)
+        # q a = -(1 - alpha) q p / m, formed in log space; 0 where p or q is 0.
+        qa = torch.where(p * q > 0, (log_q + log_p - log_m).exp_(), 0.0).mul_(-(1 - alpha))  # (c, V)
+        return value, _softmax_chain(q, qa, temperature)
+    if name == "skew_reverse_kl":
+        alpha = params.get("alpha", 0.1)
+        log_m = _mix(log_q, log_p, alpha)  # (c, V)
+        value = _xlogy_rows(q, log_q, log_m)  # (c,)
+        r = torch.where(q > 0, log_q - log_m, 0.0)  # (c, V) log(q / m), 0 off the support
+        qa = q * (r - alpha * r.exp())  # (c, V)
+        return value, _softmax_chain(q, qa, temperature)
+    if name == "tvd":
+        diff = q - log_p.exp_()  # (c, V) q - p
+        value = 0.5 * diff.abs().sum(-1)  # (c,)
+        qa = q * diff.sign_().mul_(0.5)  # (c, V)
+        return value, _softmax_chain(q, qa, temperature)
+    raise ValueError(f"unknown divergence {name!r}")
