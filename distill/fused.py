@@ -20,7 +20,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from distill.divergences import resolve_divergence
-from distill.logit_grads import log_softmax_, log_probs_value_and_grad
+from distill.logit_grads import log_probs_value_and_grad, log_softmax_, sparse_value_and_grad
 from distill.losses import IGNORE_INDEX
 
 # Auto chunk: about 2**25 logits (128 MiB in fp32) per (chunk, V) buffer, whatever V is;
@@ -59,8 +59,37 @@ def _add_tn(acc: torch.Tensor, g: torch.Tensor, h: torch.Tensor) -> None:
     acc.addmm_(g.to(acc.dtype).T, h.to(acc.dtype))
 
 
+def _dense_teacher(h_t: torch.Tensor, w_t: torch.Tensor, b_t: torch.Tensor | None, opts: dict):
+    """Per-chunk (values, student-logit grad) against a teacher given by hidden states + lm_head."""
+    vocab, temperature = opts["vocab_size"], opts["temperature"]
+    wt, bt = w_t[:vocab], None if b_t is None else b_t[:vocab]  # padded rows are never used
+
+    def chunk(idx: torch.Tensor, log_q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        t_logits = _logits(h_t.index_select(0, idx), wt, bt, log_q.dtype)  # (c, V) no grad
+        log_p = log_softmax_(t_logits, temperature)  # (c, V) in place
+        return log_probs_value_and_grad(opts["divergence"], log_q, log_p, temperature, **opts["params"])
+
+    return chunk
+
+
+def _sparse_teacher(ids: torch.Tensor, logprobs: torch.Tensor, rest: torch.Tensor, opts: dict):
+    """Per-chunk (values, student-logit grad) against a cached top-k teacher."""
+
+    def chunk(idx: torch.Tensor, log_q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return sparse_value_and_grad(
+            opts["divergence"], log_q, ids.index_select(0, idx), logprobs.index_select(0, idx),
+            rest.index_select(0, idx), opts["temperature"], **opts["params"],
+        )  # fmt: skip
+
+    return chunk
+
+
 class _FusedKD(torch.autograd.Function):
-    """Chunked lm_head + divergence whose gradients are computed during forward."""
+    """Chunked lm_head + divergence whose gradients are computed during forward.
+
+    `teacher` is (hidden (N, Ht), lm_head weight, bias) when opts["sparse"] is False, and
+    (top-k ids (N, k), their log-probs (N, k), log leftover (N,)) when it is True.
+    """
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -68,23 +97,22 @@ class _FusedKD(torch.autograd.Function):
         h_s: torch.Tensor,
         w_s: torch.Tensor,
         b_s: torch.Tensor | None,
-        h_t: torch.Tensor,
-        w_t: torch.Tensor,
-        b_t: torch.Tensor | None,
         valid: torch.Tensor,
         labels: torch.Tensor | None,
         opts: dict,
+        *teacher: torch.Tensor | None,
     ) -> torch.Tensor:
         vocab: int = opts["vocab_size"]
         chunk: int = opts["chunk_size"]
         ce_weight: float = opts["hard_ce_weight"]
         div_weight: float = opts["divergence_weight"]
+        temperature: float = opts["temperature"]
         want_ce = labels is not None and (ce_weight > 0 or opts["return_terms"])
         need_h, need_w, need_b = ctx.needs_input_grad[:3]  # type: ignore[attr-defined]
         dtype = torch.promote_types(torch.float32, torch.promote_types(h_s.dtype, w_s.dtype))
-        ws, wt = w_s[:vocab], w_t[:vocab]  # (V, Hs), (V, Ht) views: padded rows are never used
+        ws = w_s[:vocab]  # (V, Hs) view: padded rows are never used
         bs = None if b_s is None else b_s[:vocab]  # (V,)
-        bt = None if b_t is None else b_t[:vocab]  # (V,)
+        teacher_chunk = (_sparse_teacher if opts["sparse"] else _dense_teacher)(*teacher, opts)
 
         loss = torch.zeros((), dtype=dtype, device=h_s.device)
         terms = torch.zeros(2, dtype=dtype, device=h_s.device)  # [divergence sum, CE sum], for logging
@@ -94,35 +122,34 @@ class _FusedKD(torch.autograd.Function):
         grad_b = torch.zeros(b_s.shape, dtype=dtype, device=b_s.device) if need_b and b_s is not None else None
 
         rows = valid.nonzero().squeeze(1)  # (n,) masked tokens skip all compute
-        temperature: float = opts["temperature"]
         for start in range(0, rows.numel(), chunk):
             idx = rows[start : start + chunk]  # (c,)
             hs = h_s.index_select(0, idx)  # (c, Hs)
             s_logits = _logits(hs, ws, bs, dtype)  # (c, V)
-            t_logits = _logits(h_t.index_select(0, idx), wt, bt, dtype)  # (c, V)
+            log_sm = torch.log_softmax(s_logits, dim=-1) if want_ce and temperature != 1.0 else None  # (c, V), T = 1
+            log_q = log_softmax_(s_logits, temperature)  # (c, V) in place
+            ce_grad = None
             if want_ce:
                 assert labels is not None
                 target = labels.index_select(0, idx).unsqueeze(1)  # (c, 1)
-                log_sm = torch.log_softmax(s_logits, dim=-1) if temperature != 1.0 else None  # (c, V) at T = 1
-            log_q = log_softmax_(s_logits, temperature)  # (c, V) in place
-            log_p = log_softmax_(t_logits, temperature)  # (c, V) in place
-            div_tok, g = log_probs_value_and_grad(opts["divergence"], log_q, log_p, temperature, **opts["params"])
-            div = div_tok.sum()
-            if div_weight != 1.0:
-                g.mul_(div_weight)  # (c, V) d(chunk loss)/d(student logits)
-            loss += div_weight * div
-            terms[0] += div
-            del t_logits, log_p, div_tok
-            if want_ce:
-                log_sm = log_q if log_sm is None else log_sm  # (c, V)
-                ce = -log_sm.gather(1, target).sum()
+                at_one = log_q if log_sm is None else log_sm  # (c, V) log-probs at T = 1
+                ce = -at_one.gather(1, target).sum()
                 terms[1] += ce
                 if ce_weight > 0:
                     loss += ce_weight * ce
-                    g.add_(log_sm.exp_(), alpha=ce_weight)  # softmax(s) - onehot(target)
-                    g.scatter_add_(1, target, torch.full_like(target, -ce_weight, dtype=g.dtype))
-                del log_sm
-            del s_logits, log_q
+                    ce_grad = at_one.exp() if log_sm is None else log_sm.exp_()  # (c, V) softmax(s)
+                    ce_grad.scatter_add_(1, target, torch.full_like(target, -1, dtype=ce_grad.dtype))
+                del log_sm, at_one
+            div_tok, g = teacher_chunk(idx, log_q)  # (c,), (c, V); log_q may be overwritten
+            del log_q, s_logits
+            div = div_tok.sum()
+            loss += div_weight * div
+            terms[0] += div
+            if div_weight != 1.0:
+                g.mul_(div_weight)  # (c, V) d(chunk loss)/d(student logits)
+            if ce_grad is not None:
+                g.add_(ce_grad, alpha=ce_weight)
+                del ce_grad
             if grad_h is not None:
                 grad_h.index_copy_(0, idx, (g.to(ws.dtype) @ ws).to(grad_h.dtype))  # (c, Hs)
             if grad_w is not None:
@@ -147,6 +174,48 @@ class _FusedKD(torch.autograd.Function):
             return None if g is None else g * grad_out.to(g.dtype)
 
         return scale(grad_h), scale(grad_w), scale(grad_b), None, None, None, None, None, None
+
+
+def _check_student(
+    h: torch.Tensor,
+    w: torch.Tensor,
+    b: torch.Tensor | None,
+    mask: torch.Tensor | None,
+    labels: torch.Tensor | None,
+    vocab_size: int,
+    chunk_size: int | None,
+    hard_ce_weight: float,
+    divergence_weight: float,
+) -> tuple[torch.Tensor, int]:
+    """Validate the student side and the weights; return the valid-token mask (N,) and chunk size."""
+    n = h.shape[0]
+    if h.dim() != 2:
+        raise ValueError(f"student_hidden must be (N, Hs), got {tuple(h.shape)}")
+    if w.dim() != 2 or w.shape[1] != h.shape[1]:
+        raise ValueError(f"student_weight must be (V, {h.shape[1]}), got {tuple(w.shape)}")
+    if not 1 <= vocab_size <= w.shape[0]:
+        raise ValueError(f"vocab_size must be in [1, {w.shape[0]}], got {vocab_size}")
+    if b is not None and b.shape != (w.shape[0],):
+        raise ValueError(f"student_bias must be ({w.shape[0]},), got {tuple(b.shape)}")
+    if chunk_size is None:
+        chunk_size = auto_chunk_size(vocab_size)
+    if not (isinstance(chunk_size, int) and chunk_size >= 1):
+        raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
+    for name, weight in (("hard_ce_weight", hard_ce_weight), ("divergence_weight", divergence_weight)):
+        if not (math.isfinite(weight) and weight >= 0):
+            raise ValueError(f"{name} must be finite and >= 0, got {weight!r}")
+    if mask is None and labels is None:
+        raise ValueError("pass mask (N,) bool or labels (N,) with ignore_index -100")
+    if mask is not None and (mask.dtype != torch.bool or mask.shape != (n,)):
+        raise ValueError(f"mask must be bool of shape ({n},), got {mask.dtype} {tuple(mask.shape)}")
+    if labels is not None and (labels.dtype != torch.long or labels.shape != (n,)):
+        raise ValueError(f"labels must be long of shape ({n},), got {labels.dtype} {tuple(labels.shape)}")
+    if hard_ce_weight > 0 and labels is None:
+        raise ValueError("hard_ce_weight > 0 needs labels")
+    valid = torch.ones(n, dtype=torch.bool, device=h.device) if mask is None else mask
+    if labels is not None:
+        valid = valid & (labels != IGNORE_INDEX)  # (N,)
+    return valid, chunk_size
 
 
 def fused_kd_loss(
@@ -213,8 +282,6 @@ def fused_kd_loss(
             f"need student_hidden (N, Hs) and teacher_hidden (N, Ht), got "
             f"{tuple(student_hidden.shape)} and {tuple(teacher_hidden.shape)}"
         )
-    if student_weight.dim() != 2 or student_weight.shape[1] != student_hidden.shape[1]:
-        raise ValueError(f"student_weight must be (V, {student_hidden.shape[1]}), got {tuple(student_weight.shape)}")
     if teacher_weight.dim() != 2 or teacher_weight.shape[1] != teacher_hidden.shape[1]:
         raise ValueError(f"teacher_weight must be (V, {teacher_hidden.shape[1]}), got {tuple(teacher_weight.shape)}")
     vs, vt = student_weight.shape[0], teacher_weight.shape[0]
@@ -222,30 +289,16 @@ def fused_kd_loss(
         if vs != vt:
             raise ValueError(f"student vocab {vs} != teacher vocab {vt}; pass vocab_size to slice padded heads")
         vocab_size = vs
-    if not 1 <= vocab_size <= min(vs, vt):
+    if not 1 <= vocab_size <= vt:
         raise ValueError(f"vocab_size must be in [1, {min(vs, vt)}], got {vocab_size}")
-    for name, bias, rows in (("student_bias", student_bias, vs), ("teacher_bias", teacher_bias, vt)):
-        if bias is not None and bias.shape != (rows,):
-            raise ValueError(f"{name} must be ({rows},), got {tuple(bias.shape)}")
-    if chunk_size is None:
-        chunk_size = auto_chunk_size(vocab_size)
-    if not (isinstance(chunk_size, int) and chunk_size >= 1):
-        raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
-    for name, w in (("hard_ce_weight", hard_ce_weight), ("divergence_weight", divergence_weight)):
-        if not (math.isfinite(w) and w >= 0):
-            raise ValueError(f"{name} must be finite and >= 0, got {w!r}")
-    if mask is None and labels is None:
-        raise ValueError("pass mask (N,) bool or labels (N,) with ignore_index -100")
-    if mask is not None and (mask.dtype != torch.bool or mask.shape != (n,)):
-        raise ValueError(f"mask must be bool of shape ({n},), got {mask.dtype} {tuple(mask.shape)}")
-    if labels is not None and (labels.dtype != torch.long or labels.shape != (n,)):
-        raise ValueError(f"labels must be long of shape ({n},), got {labels.dtype} {tuple(labels.shape)}")
-    if hard_ce_weight > 0 and labels is None:
-        raise ValueError("hard_ce_weight > 0 needs labels")
-    valid = torch.ones(n, dtype=torch.bool, device=student_hidden.device) if mask is None else mask
-    if labels is not None:
-        valid = valid & (labels != IGNORE_INDEX)  # (N,)
+    if teacher_bias is not None and teacher_bias.shape != (vt,):
+        raise ValueError(f"teacher_bias must be ({vt},), got {tuple(teacher_bias.shape)}")
+    valid, chunk_size = _check_student(
+        student_hidden, student_weight, student_bias, mask, labels, vocab_size, chunk_size, hard_ce_weight,
+        divergence_weight,
+    )  # fmt: skip
     opts = {
+        "sparse": False,
         "divergence": divergence,
         "temperature": float(temperature),
         "params": dict(divergence_params),
@@ -259,11 +312,81 @@ def fused_kd_loss(
         student_hidden,
         student_weight,
         student_bias,
-        teacher_hidden.detach(),
-        teacher_weight.detach(),
-        None if teacher_bias is None else teacher_bias.detach(),
         valid,
         labels,
         opts,
+        teacher_hidden.detach(),
+        teacher_weight.detach(),
+        None if teacher_bias is None else teacher_bias.detach(),
     )
+    return (loss, terms) if return_terms else loss
+
+
+def fused_sparse_kd_loss(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_ids: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    teacher_rest: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
+    *,
+    divergence: str = "forward_kl",
+    temperature: float = 1.0,
+    student_bias: torch.Tensor | None = None,
+    vocab_size: int | None = None,
+    hard_ce_weight: float = 0.0,
+    divergence_weight: float = 1.0,
+    chunk_size: int | None = None,
+    return_terms: bool = False,
+    **divergence_params: float,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """`fused_kd_loss` against a cached top-k teacher (`distill.teacher_cache`).
+
+    Equal (up to rounding) to `distill.divergences.sparse_divergence(divergence,
+    student_logits, teacher_ids, teacher_logprobs, valid, T, teacher_rest, **params)` (+ the
+    weighted hard CE) on the full student logits, computed chunk by chunk with closed-form
+    gradients (`distill.logit_grads.sparse_value_and_grad`), so no (N, V) tensor exists.
+
+    Args:
+        student_hidden, student_weight, student_bias, mask, labels, divergence, temperature,
+            hard_ce_weight, divergence_weight, chunk_size, return_terms, divergence_params:
+            as in `fused_kd_loss`.
+        teacher_ids: (N, k) long, distinct ids per token (anything where not valid).
+        teacher_logprobs: (N, k) the teacher's log-probs of those ids at `temperature`.
+        teacher_rest: (N,) log of the teacher's leftover mass (-inf: none).
+        vocab_size: the first `vocab_size` student ids (padded heads); None: all rows.
+    """
+    resolve_divergence(divergence, divergence_params, temperature)
+    n = student_hidden.shape[0]
+    k = teacher_ids.shape[-1] if teacher_ids.dim() == 2 else -1
+    if teacher_ids.shape != (n, k) or teacher_logprobs.shape != (n, k) or teacher_rest.shape != (n,):
+        raise ValueError(
+            f"need teacher_ids and teacher_logprobs (N, k) and teacher_rest (N,) with N = {n}; got "
+            f"{tuple(teacher_ids.shape)}, {tuple(teacher_logprobs.shape)}, {tuple(teacher_rest.shape)}"
+        )
+    if teacher_ids.dtype != torch.long:
+        raise ValueError(f"teacher_ids must be torch.long, got {teacher_ids.dtype}")
+    vocab_size = student_weight.shape[0] if vocab_size is None else vocab_size
+    if k > vocab_size:
+        raise ValueError(f"top-k {k} exceeds the vocabulary {vocab_size}")
+    valid, chunk_size = _check_student(
+        student_hidden, student_weight, student_bias, mask, labels, vocab_size, chunk_size, hard_ce_weight,
+        divergence_weight,
+    )  # fmt: skip
+    opts = {
+        "sparse": True,
+        "divergence": divergence,
+        "temperature": float(temperature),
+        "params": dict(divergence_params),
+        "vocab_size": int(vocab_size),
+        "chunk_size": chunk_size,
+        "hard_ce_weight": float(hard_ce_weight),
+        "divergence_weight": float(divergence_weight),
+        "return_terms": return_terms,
+    }
+    loss, terms = _FusedKD.apply(
+        student_hidden, student_weight, student_bias, valid, labels, opts,
+        teacher_ids, teacher_logprobs.detach(), teacher_rest.detach(),
+    )  # fmt: skip
     return (loss, terms) if return_terms else loss

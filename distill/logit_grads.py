@@ -154,3 +154,48 @@ def log_probs_value_and_grad(
         qa = q * diff.sign_().mul_(0.5)  # (c, V)
         return value, _softmax_chain(q, qa, temperature)
     raise ValueError(f"unknown divergence {name!r}")
+
+
+def sparse_value_and_grad(
+    name: str,
+    log_q: torch.Tensor,
+    teacher_ids: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    teacher_rest: torch.Tensor,
+    temperature: float,
+    **params: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`divergences.sparse_per_token` (with a stored leftover) and its student-logit gradient.
+
+    The student is collapsed to the k + 1 buckets (its top-k-id probabilities and the rest,
+    Q), the teacher's buckets P are normalised jointly. With G = dD/d(bucket logits) from
+    `log_probs_value_and_grad` on the buckets, the gradient w.r.t. a student logit i is
+    G_b(i) / T for a top-k id, and (q_i / Q_rest) * G_rest / T for every other id.
+
+    Args:
+        log_q: (c, V) student log_softmax(s / T); overwritten (used as scratch).
+        teacher_ids: (c, k) long, distinct ids per row.
+        teacher_logprobs: (c, k) teacher log-probs at T.
+        teacher_rest: (c,) log of the teacher's leftover mass.
+
+    Returns:
+        values (c,), gradient w.r.t. the student logits (c, V), in log_q's dtype.
+    """
+    dtype = log_q.dtype
+    k = teacher_ids.shape[1]
+    log_q_top = log_q.gather(1, teacher_ids)  # (c, k)
+    others = log_q.scatter_(1, teacher_ids, -math.inf)  # (c, V) in place: student log-probs off the top-k
+    log_q_rest = torch.logsumexp(others, dim=1)  # (c,)
+    empty = log_q_rest == -math.inf  # (c,) no student mass off the top-k (k = V)
+    rest_p = torch.where(empty, -math.inf, teacher_rest.to(dtype))  # (c,)
+    both = torch.cat([teacher_logprobs.to(dtype), rest_p.unsqueeze(1)], dim=1)  # (c, k + 1)
+    log_p_buckets = both - both.logsumexp(1, keepdim=True)  # (c, k + 1)
+    log_q_buckets = torch.cat([log_q_top, log_q_rest.unsqueeze(1)], dim=1)  # (c, k + 1)
+    values, g_buckets = log_probs_value_and_grad(name, log_q_buckets, log_p_buckets, 1.0, **params)
+    # share of each non-top id in the student's rest bucket, q_i / Q_rest; 0 where empty
+    shift = torch.where(empty, 0.0, log_q_rest).unsqueeze(1)  # (c, 1)
+    grad = others.sub_(shift).exp_().mul_(g_buckets[:, k : k + 1])  # (c, V)
+    grad.scatter_(1, teacher_ids, g_buckets[:, :k])
+    if temperature != 1.0:
+        grad.div_(temperature)
+    return values, grad

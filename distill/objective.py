@@ -12,7 +12,7 @@ Terms are computed on next-token positions: logits at t predict the token at t +
 import torch
 
 from distill.divergences import divergence, sparse_divergence
-from distill.fused import fused_kd_loss
+from distill.fused import fused_kd_loss, fused_sparse_kd_loss
 from distill.losses import IGNORE_INDEX, cross_entropy
 
 
@@ -128,6 +128,45 @@ def fused_term_sums(
         temperature=temperature,
         student_bias=student_head.bias,
         teacher_bias=teacher_head.bias,
+        vocab_size=vocab_size,
+        hard_ce_weight=ce_weight,
+        divergence_weight=kd_weight,
+        chunk_size=chunk_size,
+        return_terms=True,
+        **(divergence_params or {}),
+    )
+    return loss, {"task_ce": sums[1], "kd": sums[0]}
+
+
+def fused_sparse_term_sums(
+    student_hidden: torch.Tensor,
+    student_head: torch.nn.Linear,
+    labels: torch.Tensor,
+    teacher_ids: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    teacher_rest: torch.Tensor,
+    vocab_size: int,
+    ce_weight: float,
+    kd_weight: float,
+    temperature: float,
+    divergence_name: str = "forward_kl",
+    divergence_params: dict[str, float] | None = None,
+    chunk_size: int | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """`fused_term_sums` against a cached top-k teacher: (B, T-1, k) ids / log-probs and
+    (B, T-1) log leftovers at the next-token positions, as `sparse_term_sums` takes them."""
+    hs = student_hidden[:, :-1].reshape(-1, student_hidden.shape[-1])  # (N, Hs)
+    k = teacher_ids.shape[-1]
+    loss, sums = fused_sparse_kd_loss(
+        hs,
+        student_head.weight,
+        teacher_ids.reshape(-1, k),
+        teacher_logprobs.reshape(-1, k),
+        teacher_rest.reshape(-1),
+        labels=next_token_targets(labels).reshape(-1),
+        divergence=divergence_name,
+        temperature=temperature,
+        student_bias=student_head.bias,
         vocab_size=vocab_size,
         hard_ce_weight=ce_weight,
         divergence_weight=kd_weight,

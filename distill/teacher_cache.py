@@ -79,24 +79,31 @@ def teacher_topk(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-k of log_softmax(teacher logits / T) at every next-token target of `examples`.
 
-    Returns ids (n, k) int64, logprobs (n, k) float32 and rest (n,) float32 = log of the
-    mass outside the top-k (exact logsumexp, -inf when none is left), tokens in example order.
+    Examples are batched by length (less padding), results returned in example order:
+    ids (n, k) int64, logprobs (n, k) float32 and rest (n,) float32 = log of the mass
+    outside the top-k (an exact logsumexp; -inf when none is left).
     """
     device = next(teacher.parameters()).device
-    ids, logprobs, rests = [], [], []
-    for start in range(0, len(examples), batch_size):
-        batch = collate(examples[start : start + batch_size], pad_id)
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
+    per_example: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = [None] * len(examples)  # type: ignore[list-item]
+    for start in range(0, len(order), batch_size):
+        chosen = order[start : start + batch_size]
+        batch = collate([examples[i] for i in chosen], pad_id)
         logits = teacher(
             input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
         ).logits[:, :-1, :vocab]  # (B, T-1, V)
         valid = (batch["labels"][:, 1:] != IGNORE_INDEX).to(device)  # (B, T-1)
-        log_p = torch.log_softmax(logits[valid].float() / temperature, dim=-1)  # (n, V)
+        log_p = torch.log_softmax(logits[valid].float() / temperature, dim=-1)  # (n, V) rows in batch order
         top = log_p.topk(k, dim=-1)  # (n, k) best first
-        rest = log_p.scatter(-1, top.indices, -torch.inf).logsumexp(-1) if k < vocab else None  # (n,)
-        ids.append(top.indices.cpu())
-        logprobs.append(top.values.cpu())
-        rests.append(rest.cpu() if rest is not None else torch.full((top.values.shape[0],), -torch.inf))
-    return torch.cat(ids), torch.cat(logprobs), torch.cat(rests)
+        if k < vocab:
+            rest = log_p.scatter_(-1, top.indices, -torch.inf).logsumexp(-1)  # (n,)
+        else:
+            rest = torch.full((log_p.shape[0],), -torch.inf, device=device)
+        counts = valid.sum(1).tolist()  # targets per row
+        parts = zip(top.indices.cpu().split(counts), top.values.cpu().split(counts), rest.cpu().split(counts))
+        for i, part in zip(chosen, parts):
+            per_example[i] = part
+    return tuple(torch.cat([p[j] for p in per_example]) for j in range(3))  # type: ignore[return-value]
 
 
 class CacheWriter:

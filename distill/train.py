@@ -23,7 +23,14 @@ from distill.config import RunConfig, dump_config
 from distill.data import IGNORE_INDEX, collate, global_batch_indices, micro_batches
 from distill.errors import DistillError
 from distill.models import count_parameters
-from distill.objective import combine, fused_term_sums, head_matches_logits, sparse_term_sums, term_sums
+from distill.objective import (
+    combine,
+    fused_sparse_term_sums,
+    fused_term_sums,
+    head_matches_logits,
+    sparse_term_sums,
+    term_sums,
+)
 from distill.paths import atomic_write_json, atomic_write_text
 from distill.progress import Progress
 
@@ -104,6 +111,13 @@ def micro_batch_objective(student, teacher, batch, use_fused: bool, s_head, t_he
     obj = cfg.objective
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     params = obj.divergence_params()
+    if use_fused and "teacher_ids" in batch:  # a cached top-k teacher, fused with the student's lm_head
+        h_s = student(**inputs, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]  # (B, T, Hs)
+        cached = (batch["teacher_ids"], batch["teacher_logprobs"], batch["teacher_rest"])
+        return fused_sparse_term_sums(
+            h_s, s_head, batch["labels"], *cached, vocab, *obj.term_weights(), obj.temperature, obj.divergence,
+            params, obj.chunk_size,
+        )
     if use_fused:
         # logits_to_keep=1: the models skip their own (B, T, V) logits.
         h_s = student(**inputs, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]  # (B, T, Hs)
@@ -167,11 +181,12 @@ def train(cfg: RunConfig, resume: bool = False, show_progress: bool = True) -> d
     world, rank = acc.num_processes, acc.process_index
     global_batch = t.micro_batch_size * t.grad_accum * world
     n_params = count_parameters(acc.unwrap_model(student))
-    use_fused = teacher is not None and cfg.objective.fused is not False
+    use_fused = (teacher is not None or cache is not None) and cfg.objective.fused is not False
     if use_fused:
         probe = collate(examples[:2], tokenizer.pad_token_id)
         probe = {k: v.to(acc.device) for k, v in probe.items() if k != "labels"}
-        use_fused = all(head_matches_logits(m, **probe) for m in (acc.unwrap_model(student), teacher))
+        models = [acc.unwrap_model(student)] + ([teacher] if teacher is not None else [])
+        use_fused = all(head_matches_logits(m, **probe) for m in models)
         if not use_fused and cfg.objective.fused:
             raise DistillError("objective.fused=true, but a model's logits are not a plain lm_head of its hidden states")
     s_head = acc.unwrap_model(student).get_output_embeddings()

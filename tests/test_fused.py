@@ -2,8 +2,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from distill.divergences import divergence
-from distill.fused import fused_kd_loss
+from distill.divergences import divergence, sparse_divergence
+from distill.fused import fused_kd_loss, fused_sparse_kd_loss
 
 N, HS, HT, V = 37, 16, 24, 101
 CONFIGS = [
@@ -191,3 +191,60 @@ def test_grad_output_scaling():
     (fused_kd_loss(b["hs"], b["ws"], b["ht"], b["wt"], mask, chunk_size=8) * 2.5).backward()
     close(b["hs"].grad, 2.5 * a["hs"].grad, 1e-6)
     close(b["ws"].grad, 2.5 * a["ws"].grad, 1e-6)
+
+
+# --- the sparse (cached top-k) teacher ------------------------------------------------------
+
+
+def sparse_teacher(t, k, temperature):
+    """Top-k ids, log-probs at T and the log leftover of the dense teacher in `t`."""
+    log_p = torch.log_softmax((t["ht"] @ t["wt"].T + t["bt"]).double() / temperature, -1)
+    top = log_p.topk(k, -1)
+    rest = log_p.scatter(-1, top.indices, -torch.inf).logsumexp(-1)
+    return top.indices, top.values.float(), rest.float()
+
+
+@pytest.mark.parametrize("k", [5, V])
+@pytest.mark.parametrize(("name", "params"), CONFIGS, ids=IDS)
+def test_sparse_parity_fp32(name, params, k):
+    t, mask, labels = make(seed=10)
+    ids, lp, rest = sparse_teacher(t, k, 2.0)
+    ref = leaves(t)
+    s = ref["hs"] @ ref["ws"].T + ref["bs"]
+    l_ref = sparse_divergence(name, s, ids, lp, mask, 2.0, rest, **params) * 0.7
+    l_ref = l_ref + 0.2 * F.cross_entropy(s[mask], labels[mask], reduction="sum")
+    l_ref.backward()
+    a = leaves(t)
+    l_f, terms = fused_sparse_kd_loss(
+        a["hs"], a["ws"], ids, lp, rest, mask, labels, divergence=name, temperature=2.0, student_bias=a["bs"],
+        hard_ce_weight=0.2, divergence_weight=0.7, chunk_size=8, return_terms=True, **params,
+    )  # fmt: skip
+    l_f.backward()
+    close(l_f.detach(), l_ref.detach(), 1e-5)
+    for key in ("hs", "ws", "bs"):
+        close(a[key].grad, ref[key].grad, 1e-5)
+    close(terms[0], sparse_divergence(name, s.detach(), ids, lp, mask, 2.0, rest, **params), 1e-5)
+
+
+def test_sparse_gradcheck_padded_and_masked():
+    t, mask, labels = make(torch.float64, seed=11, n=6, hs=3, ht=4, v=9)
+    mask[:] = True
+    ids, lp, rest = sparse_teacher(t, 3, 1.3)
+    labels[1] = -100  # ignore_index masks that token
+    pad_w = torch.cat([t["ws"], torch.randn(4, 3, dtype=torch.float64)])
+
+    def f(hs, ws):
+        return fused_sparse_kd_loss(
+            hs, ws, ids, lp.double(), rest.double(), labels=labels, divergence="jsd", beta=0.4,
+            temperature=1.3, vocab_size=9, hard_ce_weight=0.5, chunk_size=4,
+        )  # fmt: skip
+
+    inputs = (t["hs"].clone().requires_grad_(True), pad_w.clone().requires_grad_(True))
+    assert torch.autograd.gradcheck(f, inputs)
+    loss = f(*inputs)
+    loss.backward()
+    assert (inputs[1].grad[9:] == 0).all()  # padded rows get no gradient
+    zero = fused_sparse_kd_loss(t["hs"], t["ws"], ids, lp, rest, torch.zeros(6, dtype=torch.bool))
+    assert zero.item() == 0.0
+    with pytest.raises(ValueError, match=r"teacher_rest \(N,\)"):
+        fused_sparse_kd_loss(t["hs"], t["ws"], ids, lp, rest[:2], mask)

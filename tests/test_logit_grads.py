@@ -119,3 +119,35 @@ def test_reverse_kl_true_infinity():
 def test_errors_name_the_problem(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+@pytest.mark.parametrize("temperature", [0.7, 2.0])
+@pytest.mark.parametrize(("name", "params"), CONFIGS, ids=IDS)
+def test_sparse_matches_autograd(name, params, temperature):
+    from distill.divergences import sparse_per_token
+    from distill.logit_grads import log_softmax_, sparse_value_and_grad
+
+    g = torch.Generator().manual_seed(3)
+    V, k = 13, 4
+    s = torch.randn(5, V, generator=g, dtype=torch.float64) * 3
+    t = torch.randn(5, V, generator=g, dtype=torch.float64) * 3
+    t[:, 1] += 5.0  # a confident teacher: small leftovers
+    log_p = torch.log_softmax(t / temperature, -1)
+    top = log_p.topk(k, -1)
+    rest = log_p.scatter(-1, top.indices, -INF).logsumexp(-1)
+    s_leaf = s.clone().requires_grad_(True)
+    ref = sparse_per_token(name, s_leaf, top.indices, top.values, temperature, teacher_rest=rest, **params)
+    (ref_grad,) = torch.autograd.grad(ref.sum(), s_leaf)
+    log_q = log_softmax_(s.clone(), temperature)
+    values, grad = sparse_value_and_grad(name, log_q, top.indices, top.values, rest, temperature, **params)
+    torch.testing.assert_close(values, ref.detach(), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-9, atol=1e-12)
+    # k = V: no rest bucket, the dense values
+    full = log_p.topk(V, -1)
+    values, grad = sparse_value_and_grad(
+        name, log_softmax_(s.clone(), temperature), full.indices, full.values, torch.full((5,), -INF, dtype=s.dtype),
+        temperature, **params,
+    )  # fmt: skip
+    dense_values, dense_grad = per_token_and_grad(name, s, t, temperature, **params)
+    torch.testing.assert_close(values, dense_values, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(grad, dense_grad, rtol=1e-8, atol=1e-12)

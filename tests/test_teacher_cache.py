@@ -81,6 +81,22 @@ def test_training_from_a_full_cache_equals_the_live_teacher(tiny_tree, tmp_path)
             assert a[key] == pytest.approx(b[key], rel=1e-5), key
 
 
+def test_fused_cache_path_trains_like_the_naive_one(tiny_tree, tmp_path):
+    write(tiny_tree, tmp_path / "c", k=6, dtype="float16")
+    runs = []
+    for fused in (None, False):
+        tree = copy.deepcopy(tiny_tree)
+        tree["teacher_cache"] = str(tmp_path / "c")
+        tree["objective"]["fused"] = fused
+        tree["out_dir"] = str(tmp_path / f"run-{fused}")
+        summary = train(build_config(tree), show_progress=False)
+        assert summary["fused_loss"] is (fused is None)
+        runs.append(read_metrics(tree["out_dir"]))
+    for a, b in zip(*runs, strict=True):
+        for key in ("loss", "task_ce", "kd", "grad_norm"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), key  # kd ~1e-3 here: fp32 rounding
+
+
 def test_training_from_cache_never_loads_a_teacher(tiny_tree, tmp_path, monkeypatch):
     write(tiny_tree, tmp_path / "c", k=4, dtype="float16")
     tree = copy.deepcopy(tiny_tree)
