@@ -4,7 +4,8 @@ p = softmax(teacher / T) is the teacher, q = softmax(student / T) the student. E
 divergence is computed in log space, fp32 inside (bf16/fp16 are upcast, fp64 stays fp64),
 with 0 * log 0 = 0: an id one distribution gives no mass (a -inf logit) contributes
 nothing, never NaN, in value or gradient. `divergence` / `sparse_divergence` return the SUM
-over valid tokens; the caller divides by the global count of valid tokens and applies T^2.
+over valid tokens, or that sum divided by a given `num_valid` (the global count of valid
+tokens); T^2 is the caller's.
 
 Names (see `DIVERGENCES`; each maps to f(student_logprobs, teacher_logprobs, **params)):
     forward_kl       KL(p || q)
@@ -143,6 +144,17 @@ def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return dtype
 
 
+def _normalise(total: torch.Tensor, num_valid: float | torch.Tensor | None) -> torch.Tensor:
+    """total / max(num_valid, 1), or total when num_valid is None."""
+    if num_valid is None:
+        return total
+    if isinstance(num_valid, torch.Tensor):
+        return total / num_valid.to(total.dtype).clamp_min(1)
+    if not (math.isfinite(num_valid) and num_valid >= 0):
+        raise ValueError(f"num_valid must be a finite count >= 0, got {num_valid!r}")
+    return total / max(num_valid, 1)
+
+
 def _check_mask(mask: torch.Tensor, lead: torch.Size) -> None:
     if mask.dtype != torch.bool or mask.shape != lead:
         raise ValueError(f"mask must be bool of shape {tuple(lead)}, got {mask.dtype} {tuple(mask.shape)}")
@@ -181,13 +193,17 @@ def divergence(
     teacher_logits: torch.Tensor,
     mask: torch.Tensor,
     temperature: float = 1.0,
+    num_valid: float | torch.Tensor | None = None,
     **params: float,
 ) -> torch.Tensor:
-    """Sum over valid tokens of `per_token(name, ...)`.
+    """Sum over valid tokens of `per_token(name, ...)`, or that sum / num_valid.
 
     Args:
         name, student_logits, teacher_logits, temperature, params: as in `per_token`.
         mask: (...) bool, True where the token counts.
+        num_valid: the count to normalise by, e.g. the valid tokens of the whole global
+            batch (all micro-batches and processes), so accumulated pieces add up to the
+            global mean. None: return the sum. A count of 0 divides by 1 (the sum is 0 then).
 
     Returns:
         Scalar, fp32 (fp64 if an input is fp64). Masked positions contribute exactly 0 to it
@@ -199,7 +215,7 @@ def divergence(
     # value there (reverse KL off the teacher's support) would otherwise back-propagate NaN.
     s = torch.where(keep, student_logits, 0.0)  # (..., V)
     t = torch.where(keep, teacher_logits, 0.0)  # (..., V)
-    return torch.where(mask, per_token(name, s, t, temperature, **params), 0.0).sum()
+    return _normalise(torch.where(mask, per_token(name, s, t, temperature, **params), 0.0).sum(), num_valid)
 
 
 def sparse_per_token(
@@ -293,14 +309,16 @@ def sparse_divergence(
     mask: torch.Tensor,
     temperature: float = 1.0,
     teacher_rest: torch.Tensor | None = None,
+    num_valid: float | torch.Tensor | None = None,
     **params: float,
 ) -> torch.Tensor:
-    """Sum over valid tokens of `sparse_per_token(name, ...)`.
+    """Sum over valid tokens of `sparse_per_token(name, ...)`, or that sum / num_valid.
 
     Args:
         name, student_logits, teacher_ids, teacher_logprobs, temperature, teacher_rest,
             params: as in `sparse_per_token`; values at masked positions may be anything
             (they are replaced).
+        num_valid: as in `divergence`.
         mask: (...) bool, True where the token counts.
 
     Returns:
@@ -318,4 +336,5 @@ def sparse_divergence(
     rest = None
     if teacher_rest is not None:
         rest = torch.where(mask, teacher_rest, math.log1p(-k / vocab) if k < vocab else -math.inf)  # (...)
-    return torch.where(mask, sparse_per_token(name, s, ids, logp, temperature, rest, **params), 0.0).sum()
+    total = torch.where(mask, sparse_per_token(name, s, ids, logp, temperature, rest, **params), 0.0).sum()
+    return _normalise(total, num_valid)

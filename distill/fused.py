@@ -11,6 +11,10 @@ gradients of the student hidden states, lm_head weight and bias. Only those two/
 gradients are kept for backward, which just scales them by grad_output. Peak extra memory
 is therefore O(chunk * V) rather than O(N * V). The teacher receives no gradient.
 
+`fused_sparse_kd_loss` is the same against a cached top-k teacher (`distill.teacher_cache`):
+the teacher side is (ids, log-probs, log leftover) per token instead of hidden states and
+an lm_head, and the divergence is the sparse one on k + 1 buckets.
+
 As in `distill.divergences`, the caller divides by the valid-token count and applies T^2.
 """
 
@@ -218,6 +222,24 @@ def _check_student(
     return valid, chunk_size
 
 
+def _options(
+    sparse: bool, divergence: str, temperature: float, params: dict, vocab_size: int, chunk_size: int,
+    hard_ce_weight: float, divergence_weight: float, return_terms: bool,
+) -> dict:  # fmt: skip
+    """The non-tensor arguments of `_FusedKD`, as plain Python values."""
+    return {
+        "sparse": sparse,
+        "divergence": divergence,
+        "temperature": float(temperature),
+        "params": dict(params),
+        "vocab_size": int(vocab_size),
+        "chunk_size": chunk_size,
+        "hard_ce_weight": float(hard_ce_weight),
+        "divergence_weight": float(divergence_weight),
+        "return_terms": return_terms,
+    }
+
+
 def fused_kd_loss(
     student_hidden: torch.Tensor,
     student_weight: torch.Tensor,
@@ -297,17 +319,8 @@ def fused_kd_loss(
         student_hidden, student_weight, student_bias, mask, labels, vocab_size, chunk_size, hard_ce_weight,
         divergence_weight,
     )  # fmt: skip
-    opts = {
-        "sparse": False,
-        "divergence": divergence,
-        "temperature": float(temperature),
-        "params": dict(divergence_params),
-        "vocab_size": int(vocab_size),
-        "chunk_size": chunk_size,
-        "hard_ce_weight": float(hard_ce_weight),
-        "divergence_weight": float(divergence_weight),
-        "return_terms": return_terms,
-    }
+    opts = _options(False, divergence, temperature, divergence_params, vocab_size, chunk_size, hard_ce_weight,
+                    divergence_weight, return_terms)  # fmt: skip
     loss, terms = _FusedKD.apply(
         student_hidden,
         student_weight,
@@ -374,17 +387,8 @@ def fused_sparse_kd_loss(
         student_hidden, student_weight, student_bias, mask, labels, vocab_size, chunk_size, hard_ce_weight,
         divergence_weight,
     )  # fmt: skip
-    opts = {
-        "sparse": True,
-        "divergence": divergence,
-        "temperature": float(temperature),
-        "params": dict(divergence_params),
-        "vocab_size": int(vocab_size),
-        "chunk_size": chunk_size,
-        "hard_ce_weight": float(hard_ce_weight),
-        "divergence_weight": float(divergence_weight),
-        "return_terms": return_terms,
-    }
+    opts = _options(True, divergence, temperature, divergence_params, vocab_size, chunk_size, hard_ce_weight,
+                    divergence_weight, return_terms)  # fmt: skip
     loss, terms = _FusedKD.apply(
         student_hidden, student_weight, student_bias, valid, labels, opts,
         teacher_ids, teacher_logprobs.detach(), teacher_rest.detach(),

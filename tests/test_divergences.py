@@ -249,6 +249,24 @@ def test_fully_masked_is_exactly_zero(s_vals, t_vals, temperature, garbage_ids):
         assert torch.equal(logp.grad, torch.zeros_like(logp))
 
 
+def test_num_valid_normalises_the_sum():
+    s, t = rand(2, 3, 5, seed=30), rand(2, 3, 5, seed=31)
+    mask = torch.tensor([[True, False, True], [True, True, False]])
+    for name, params in CONFIGS:
+        total = divergence(name, s, t, mask, 1.5, **params)
+        for count in (4, torch.tensor(4.0), 7.5):
+            mean = divergence(name, s, t, mask, 1.5, num_valid=count, **params)
+            torch.testing.assert_close(mean, total / float(count), rtol=1e-12, atol=0)
+        ids, logp = torch.tensor([[[0, 1]] * 3] * 2), torch.full((2, 3, 2), -1.0, dtype=torch.float64)
+        sparse_total = sparse_divergence(name, s, ids, logp, mask, 1.5, **params)
+        sparse_mean = sparse_divergence(name, s, ids, logp, mask, 1.5, num_valid=4, **params)
+        torch.testing.assert_close(sparse_mean, sparse_total / 4, rtol=1e-12, atol=0)
+    nothing = torch.zeros(2, 3, dtype=torch.bool)
+    assert divergence("forward_kl", s, t, nothing, num_valid=0).item() == 0.0  # 0 / max(0, 1)
+    with pytest.raises(ValueError, match="num_valid must be a finite count"):
+        divergence("forward_kl", s, t, mask, num_valid=-1)
+
+
 def test_masked_rows_drop_out_of_the_sum():
     s, t = rand(4, 6, seed=13, scale=3), rand(4, 6, seed=14, scale=3)
     s[1], t[1, :3] = -INF, -INF  # garbage at a masked row: student all -inf
