@@ -10,21 +10,11 @@ from hypothesis import strategies as st
 from distill.divergences import per_token
 from distill.logit_grads import per_token_and_grad
 
+from test_divergences import CONFIGS as BASE_CONFIGS
+
 INF = math.inf
-CONFIGS = [
-    ("forward_kl", {}),
-    ("reverse_kl", {}),
-    ("jsd", {"beta": 0.0}),
-    ("jsd", {"beta": 1e-3}),
-    ("jsd", {"beta": 0.5}),
-    ("jsd", {"beta": 0.9}),
-    ("jsd", {"beta": 1.0}),
-    ("skew_forward_kl", {"alpha": 0.0}),
-    ("skew_forward_kl", {"alpha": 0.1}),
-    ("skew_reverse_kl", {"alpha": 0.0}),
-    ("skew_reverse_kl", {"alpha": 0.3}),
-    ("tvd", {}),
-]
+# the divergence configurations of test_divergences, plus a near-endpoint JSD and another skew
+CONFIGS = BASE_CONFIGS + [("jsd", {"beta": 1e-3}), ("skew_reverse_kl", {"alpha": 0.3})]
 IDS = [f"{n}-{'-'.join(f'{k}={v}' for k, v in p.items())}" for n, p in CONFIGS]
 
 
@@ -93,8 +83,9 @@ def test_extremes_match_autograd_and_never_nan(n, v, data, temperature, dtype):
         ref_values, ref_grad = autograd_reference(name, s, t, temperature, params)
         assert values.dtype == grad.dtype == exact
         assert torch.isfinite(values).all() and torch.isfinite(grad).all(), (name, params)
-        torch.testing.assert_close(values, ref_values, rtol=1e-4, atol=1e-4)
-        torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-4)
+        # fp32 rounding is relative to the largest entry (reverse KL reaches 2e4 here)
+        torch.testing.assert_close(values, ref_values, rtol=1e-4, atol=1e-4 * max(1.0, ref_values.abs().max().item()))
+        torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-4 * max(1.0, ref_grad.abs().max().item()))
 
 
 def test_reverse_kl_true_infinity():
