@@ -19,6 +19,7 @@ As in `distill.divergences`, the caller divides by the valid-token count and app
 """
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -91,8 +92,8 @@ def _sparse_teacher(ids: torch.Tensor, logprobs: torch.Tensor, rest: torch.Tenso
 class _FusedKD(torch.autograd.Function):
     """Chunked lm_head + divergence whose gradients are computed during forward.
 
-    `teacher` is (hidden (N, Ht), lm_head weight, bias) when opts["sparse"] is False, and
-    (top-k ids (N, k), their log-probs (N, k), log leftover (N,)) when it is True.
+    `teacher_chunk(idx, log_q)` gives the chunk's per-token values and student-logit
+    gradient: `_dense_teacher` (hidden states + lm_head) or `_sparse_teacher` (cached top-k).
     """
 
     @staticmethod
@@ -104,7 +105,7 @@ class _FusedKD(torch.autograd.Function):
         valid: torch.Tensor,
         labels: torch.Tensor | None,
         opts: dict,
-        *teacher: torch.Tensor | None,
+        teacher_chunk: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
     ) -> torch.Tensor:
         vocab: int = opts["vocab_size"]
         chunk: int = opts["chunk_size"]
@@ -116,7 +117,6 @@ class _FusedKD(torch.autograd.Function):
         dtype = torch.promote_types(torch.float32, torch.promote_types(h_s.dtype, w_s.dtype))
         ws = w_s[:vocab]  # (V, Hs) view: padded rows are never used
         bs = None if b_s is None else b_s[:vocab]  # (V,)
-        teacher_chunk = (_sparse_teacher if opts["sparse"] else _dense_teacher)(*teacher, opts)
 
         loss = torch.zeros((), dtype=dtype, device=h_s.device)
         terms = torch.zeros(2, dtype=dtype, device=h_s.device)  # [divergence sum, CE sum], for logging
@@ -177,7 +177,7 @@ class _FusedKD(torch.autograd.Function):
         def scale(g: torch.Tensor | None) -> torch.Tensor | None:
             return None if g is None else g * grad_out.to(g.dtype)
 
-        return scale(grad_h), scale(grad_w), scale(grad_b), None, None, None, None, None, None
+        return scale(grad_h), scale(grad_w), scale(grad_b), None, None, None, None
 
 
 def _check_student(
@@ -223,12 +223,11 @@ def _check_student(
 
 
 def _options(
-    sparse: bool, divergence: str, temperature: float, params: dict, vocab_size: int, chunk_size: int,
+    divergence: str, temperature: float, params: dict, vocab_size: int, chunk_size: int,
     hard_ce_weight: float, divergence_weight: float, return_terms: bool,
 ) -> dict:  # fmt: skip
     """The non-tensor arguments of `_FusedKD`, as plain Python values."""
     return {
-        "sparse": sparse,
         "divergence": divergence,
         "temperature": float(temperature),
         "params": dict(params),
@@ -319,7 +318,7 @@ def fused_kd_loss(
         student_hidden, student_weight, student_bias, mask, labels, vocab_size, chunk_size, hard_ce_weight,
         divergence_weight,
     )  # fmt: skip
-    opts = _options(False, divergence, temperature, divergence_params, vocab_size, chunk_size, hard_ce_weight,
+    opts = _options(divergence, temperature, divergence_params, vocab_size, chunk_size, hard_ce_weight,
                     divergence_weight, return_terms)  # fmt: skip
     loss, terms = _FusedKD.apply(
         student_hidden,
@@ -328,9 +327,12 @@ def fused_kd_loss(
         valid,
         labels,
         opts,
-        teacher_hidden.detach(),
-        teacher_weight.detach(),
-        None if teacher_bias is None else teacher_bias.detach(),
+        _dense_teacher(
+            teacher_hidden.detach(),
+            teacher_weight.detach(),
+            None if teacher_bias is None else teacher_bias.detach(),
+            opts,
+        ),
     )
     return (loss, terms) if return_terms else loss
 
@@ -387,10 +389,10 @@ def fused_sparse_kd_loss(
         student_hidden, student_weight, student_bias, mask, labels, vocab_size, chunk_size, hard_ce_weight,
         divergence_weight,
     )  # fmt: skip
-    opts = _options(True, divergence, temperature, divergence_params, vocab_size, chunk_size, hard_ce_weight,
+    opts = _options(divergence, temperature, divergence_params, vocab_size, chunk_size, hard_ce_weight,
                     divergence_weight, return_terms)  # fmt: skip
     loss, terms = _FusedKD.apply(
         student_hidden, student_weight, student_bias, valid, labels, opts,
-        teacher_ids, teacher_logprobs.detach(), teacher_rest.detach(),
+        _sparse_teacher(teacher_ids, teacher_logprobs.detach(), teacher_rest.detach(), opts),
     )  # fmt: skip
     return (loss, terms) if return_terms else loss

@@ -111,16 +111,15 @@ def micro_batch_objective(student, teacher, batch, use_fused: bool, s_head, t_he
     obj = cfg.objective
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     params = obj.divergence_params()
-    if use_fused and "teacher_ids" in batch:  # a cached top-k teacher, fused with the student's lm_head
-        h_s = student(**inputs, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]  # (B, T, Hs)
-        cached = (batch["teacher_ids"], batch["teacher_logprobs"], batch["teacher_rest"])
-        return fused_sparse_term_sums(
-            h_s, s_head, batch["labels"], *cached, vocab, *obj.term_weights(), obj.temperature, obj.divergence,
-            params, obj.chunk_size,
-        )
+    cached = (batch["teacher_ids"], batch["teacher_logprobs"], batch["teacher_rest"]) if "teacher_ids" in batch else None
     if use_fused:
         # logits_to_keep=1: the models skip their own (B, T, V) logits.
         h_s = student(**inputs, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]  # (B, T, Hs)
+        if cached is not None:  # a cached top-k teacher, fused with the student's lm_head
+            return fused_sparse_term_sums(
+                h_s, s_head, batch["labels"], *cached, vocab, *obj.term_weights(), obj.temperature, obj.divergence,
+                params, obj.chunk_size,
+            )
         with torch.no_grad():
             h_t = teacher(**inputs, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]  # (B, T, Ht)
         return fused_term_sums(
@@ -128,8 +127,7 @@ def micro_batch_objective(student, teacher, batch, use_fused: bool, s_head, t_he
             params, obj.chunk_size,
         )
     logits = student(**inputs).logits  # (B, T, V)
-    if "teacher_ids" in batch:  # a cached top-k teacher: no teacher model at all
-        cached = (batch["teacher_ids"], batch["teacher_logprobs"], batch["teacher_rest"])
+    if cached is not None:  # a cached top-k teacher: no teacher model at all
         terms = sparse_term_sums(logits, batch["labels"], *cached, vocab, obj.temperature, obj.divergence, params)
         return combine(terms, *obj.term_weights()), terms
     teacher_logits = None
