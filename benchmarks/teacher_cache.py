@@ -23,6 +23,7 @@ import argparse
 import hashlib
 import json
 import platform
+import shutil
 import statistics
 import time
 from pathlib import Path
@@ -183,10 +184,7 @@ def main() -> None:
             tree = run_tree(train_path, held_path, out, seed, steps, args.batch)
             if mode == "cache":
                 tree["teacher_cache"] = str(train_cache)
-            if out.exists():
-                import shutil
-
-                shutil.rmtree(out)
+            shutil.rmtree(out, ignore_errors=True)
             summary = train(build_config(tree), show_progress=False)
             student, _ = load_student(out)
             kl = heldout_kl(student.eval(), teacher_lp, held, tok.pad_token_id, vocab)

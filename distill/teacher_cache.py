@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from distill.data import Example, collate
 from distill.errors import DistillError
@@ -153,19 +153,19 @@ class CacheWriter:
             "logprobs": logprobs.to(LOGPROB_DTYPES[self.header["logprob_dtype"]]).contiguous(),
             "rest": rest.to(torch.float32).contiguous(),
         }
+        data = save(tensors)  # the shard's bytes: hashed here, written once, never re-read
         name = f"shard-{index:05d}.safetensors"
         tmp = self.out / f".{name}.tmp"
-        save_file(tensors, str(tmp))
+        tmp.write_bytes(data)
         os.replace(tmp, self.out / name)
-        path = self.out / name
         self.shards[index] = {
             "index": index,
             "file": name,
             "first_example": index * size,
             "examples": len(counts),
             "tokens": int(ids.shape[0]),
-            "bytes": path.stat().st_size,
-            "sha256": file_sha256(path),
+            "bytes": len(data),
+            "sha256": hashlib.sha256(data).hexdigest(),
         }
         self._save_manifest()
 
