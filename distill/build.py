@@ -52,7 +52,8 @@ def build_models(cfg: RunConfig):
     """Student, teacher (or None), the student's tokenizer and the shared real vocab size."""
     s_tok = build_tokenizer(cfg.student, "student")
     student = build_model(cfg.student, s_tok, "student", cfg.train.seed)
-    if cfg.objective.alpha == 0 or cfg.teacher is None or cfg.teacher_cache is not None:
+    needed = cfg.objective.alpha > 0 or cfg.features.weight > 0
+    if not needed or cfg.teacher is None or cfg.teacher_cache is not None:
         return student, None, s_tok, len(s_tok)  # a cached teacher is never loaded
     t_tok = build_tokenizer(cfg.teacher, "teacher")
     teacher = build_model(cfg.teacher, t_tok, "teacher", cfg.train.seed + 1)

@@ -74,6 +74,33 @@ def cache(
 
 
 @app.command()
+def student(
+    teacher: Annotated[str, typer.Option("--from", help="Teacher: hub id, folder, .gguf or packaged alias.")],
+    out: Annotated[str, typer.Option(help="Folder to write the student to (must not exist).")],
+    layers: Annotated[int | None, typer.Option(help="Keep this many teacher layers, spread evenly (first and last kept).")] = None,
+    every: Annotated[int | None, typer.Option(help="Keep teacher layers 0, k, 2k, ...")] = None,
+    keep: Annotated[str | None, typer.Option(help="Keep these teacher layers: '0,4,8,12'.")] = None,
+    hidden_size: Annotated[int | None, typer.Option(help="Narrower hidden size (random init).")] = None,
+    intermediate_size: Annotated[int | None, typer.Option(help="Narrower MLP size (random init).")] = None,
+    heads: Annotated[int | None, typer.Option(help="Attention heads (random init).")] = None,
+    kv_heads: Annotated[int | None, typer.Option(help="Key-value heads (random init).")] = None,
+    config: Annotated[str | None, typer.Option(help="A transformers config JSON (another family; random init).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of a random init.")] = 0,
+):
+    """Make a smaller student from a teacher: layer drop, narrower, or another family."""
+    from distill.students import make_student
+
+    kept = None
+    if keep is not None:
+        try:
+            kept = [int(x) for x in keep.split(",") if x.strip()]
+        except ValueError:
+            raise DistillError(f"--keep {keep!r}: give comma-separated layer numbers, e.g. 0,4,8") from None
+    record = make_student(teacher, out, layers, every, kept, hidden_size, intermediate_size, heads, kv_heads, config, seed)
+    typer.echo(json.dumps(record, indent=2))
+
+
+@app.command()
 def demo(
     out: Annotated[str, typer.Option(help="Where the demo's runs go.")] = "distill-demo",
     seed: Annotated[int, typer.Option(help="Seed of the students' training.")] = 0,

@@ -128,6 +128,47 @@ class TrainConfig(Section):
     """How many recent checkpoints to keep."""
 
 
+class LayerPair(Section):
+    """One aligned pair of hidden states: a student layer, a teacher layer and a weight."""
+
+    student: int | Literal["embeddings"]
+    """Student decoder layer, 0-based (its output), or 'embeddings' (the input embeddings)."""
+    teacher: int | Literal["embeddings"]
+    """Teacher decoder layer, 0-based, or 'embeddings'."""
+    weight: float = Field(1.0, ge=0.0)
+    """Relative weight of this pair in the feature term."""
+
+
+class FeatureConfig(Section):
+    """Hidden-state alignment: learned projectors from student layers into the teacher's
+    space, a feature loss on them, and the CKA probe that measures alignment."""
+
+    weight: float = Field(0.0, ge=0.0)
+    """beta: loss = (1 - alpha) CE + alpha T^2 D + beta * feature. 0: no feature term and no
+    projectors (the CKA probe still runs on the raw states)."""
+    layers: Literal["uniform", "last"] | list[LayerPair] = "uniform"
+    """'uniform': student layer i <-> teacher layer round((i + 1) * L_t / L_s) - 1 (halves
+    round up); 'last': the last layers only; or explicit pairs with weights."""
+    embeddings: bool = False
+    """Also align the input embeddings (a pair added to 'uniform' or 'last')."""
+    loss: Literal["mse", "cosine", "ln_mse"] = "mse"
+    """Per token: mean squared error over the hidden dimension; 1 - cosine similarity; or the
+    MSE of both states after a parameter-free layer norm."""
+    projector: Literal["linear", "mlp"] = "linear"
+    """Student -> teacher width map: one linear layer, or linear-GELU-linear."""
+    projector_bias: bool = False
+    """Give the projector layers a bias."""
+    mlp_hidden: int | None = Field(None, ge=1)
+    """Hidden width of the 'mlp' projector; null: the teacher's width."""
+    probe_examples: int = Field(32, ge=0)
+    """Held-out examples in the fixed alignment probe (CKA per layer pair, latent snapshots);
+    0 turns the probe off. Needs a loaded teacher and a held-out split."""
+    probe_tokens: int = Field(2048, ge=1)
+    """At most this many probe tokens (whole examples, in order)."""
+    probe_every: int = Field(0, ge=0)
+    """Also run the probe every N steps (it always runs at step 0 and at each checkpoint)."""
+
+
 class EvalConfig(Section):
     max_new_tokens: int = 48
     """Tokens generated per held-out prompt (greedy)."""
@@ -143,6 +184,8 @@ class RunConfig(Section):
     data: DataConfig = DataConfig()
     objective: ObjectiveConfig = ObjectiveConfig()
     train: TrainConfig = TrainConfig()
+    features: FeatureConfig = FeatureConfig()
+    """Hidden-state alignment (feature term, projectors) and the CKA probe."""
     eval: EvalConfig = EvalConfig()
     teacher_cache: str | None = None
     """A directory written by `distill cache` for this data and temperature: the KD term then
@@ -155,6 +198,10 @@ class RunConfig(Section):
     def _teacher_needed(self):
         if self.objective.alpha > 0 and self.teacher is None and self.teacher_cache is None:
             raise ValueError("objective.alpha > 0 distils from a teacher, but neither 'teacher' nor 'teacher_cache' is set")
+        if self.features.weight > 0 and self.teacher is None:
+            raise ValueError("features.weight > 0 aligns hidden states with a teacher, but 'teacher' is not set")
+        if self.features.weight > 0 and self.teacher_cache is not None:
+            raise ValueError("features.weight > 0 needs the live teacher's hidden states; a teacher_cache holds logits only")
         return self
 
 

@@ -1,8 +1,9 @@
 """The objective: a weighted sum of named terms, each a sum over valid tokens.
 
-    loss = (1 - alpha) * task_ce + alpha * T^2 * D(teacher, student)
+    loss = (1 - alpha) * task_ce + alpha * T^2 * D(teacher, student) [+ beta * feature]
 
-(T^2 only when `objective.t_squared`; the weights come from `ObjectiveConfig.term_weights`.)
+(T^2 only when `objective.t_squared`; the weights come from `ObjectiveConfig.term_weights`;
+the feature term, `distill.features.feature_term_sum`, with `features.weight` = beta.)
 
 D is any divergence of `distill.divergences` (forward KL by default, Hinton 2015).
 
@@ -80,12 +81,12 @@ def sparse_term_sums(
     return {"task_ce": cross_entropy(s, targets), "kd": kd}
 
 
-def combine(terms: dict[str, torch.Tensor], ce_weight: float, kd_weight: float) -> torch.Tensor:
-    """ce_weight * task_ce + kd_weight * kd (still a sum over tokens, not yet normalised);
-    the task CE alone, unweighted, for a label-only run."""
-    if "kd" not in terms:
-        return terms["task_ce"]
-    return ce_weight * terms["task_ce"] + kd_weight * terms["kd"]
+def combine(terms: dict[str, torch.Tensor], ce_weight: float, kd_weight: float, feature_weight: float = 0.0) -> torch.Tensor:
+    """ce_weight * task_ce + kd_weight * kd (+ feature_weight * feature, when that term is
+    there): still a sum over tokens, not yet normalised. Without a KD term the task CE is
+    unweighted (a label-only run)."""
+    loss = terms["task_ce"] if "kd" not in terms else ce_weight * terms["task_ce"] + kd_weight * terms["kd"]
+    return loss + feature_weight * terms["feature"] if "feature" in terms else loss
 
 
 def fused_term_sums(

@@ -18,10 +18,12 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from distill.build import build_examples, build_models, build_teacher_cache, output_size
+from distill.alignment import AlignmentProbe, Probe
+from distill.build import build_examples, build_models, build_rows, build_teacher_cache, output_size
 from distill.config import RunConfig, dump_config
-from distill.data import IGNORE_INDEX, collate, global_batch_indices, micro_batches
+from distill.data import IGNORE_INDEX, collate, global_batch_indices, micro_batches, tokenize_rows
 from distill.errors import DistillError
+from distill.features import build_projectors, export_projectors, feature_term_sum, layer_pairs, num_layers
 from distill.models import count_parameters
 from distill.objective import (
     combine,
@@ -106,36 +108,59 @@ def export_student(acc: Accelerator, model, tokenizer, run_dir: Path) -> None:
     acc.wait_for_everyone()
 
 
-def micro_batch_objective(student, teacher, batch, use_fused: bool, s_head, t_head, vocab: int, cfg: RunConfig):
+def micro_batch_objective(
+    student, teacher, batch, use_fused: bool, s_head, t_head, vocab: int, cfg: RunConfig, projectors=None, pairs=None
+):
     """(weighted loss sum, {term: sum}) of one micro-batch; sums over its valid tokens."""
     obj = cfg.objective
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     params = obj.divergence_params()
     cached = (batch["teacher_ids"], batch["teacher_logprobs"], batch["teacher_rest"]) if "teacher_ids" in batch else None
-    if use_fused:
-        # logits_to_keep=1: the models skip their own (B, T, V) logits.
-        h_s = student(**inputs, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]  # (B, T, Hs)
-        if cached is not None:  # a cached top-k teacher, fused with the student's lm_head
-            return fused_sparse_term_sums(
-                h_s, s_head, batch["labels"], *cached, vocab, *obj.term_weights(), obj.temperature, obj.divergence,
-                params, obj.chunk_size,
-            )
-        with torch.no_grad():
-            h_t = teacher(**inputs, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]  # (B, T, Ht)
-        return fused_term_sums(
-            h_s, s_head, h_t, t_head, batch["labels"], vocab, *obj.term_weights(), obj.temperature, obj.divergence,
-            params, obj.chunk_size,
-        )
-    logits = student(**inputs).logits  # (B, T, V)
-    if cached is not None:  # a cached top-k teacher: no teacher model at all
-        terms = sparse_term_sums(logits, batch["labels"], *cached, vocab, obj.temperature, obj.divergence, params)
-        return combine(terms, *obj.term_weights()), terms
-    teacher_logits = None
+    states = use_fused or projectors is not None  # hidden states are needed
+    # logits_to_keep=1: the model skips its own (B, T, V) logits (the fused path, or a
+    # teacher that only gives hidden states).
+    s_out = student(**inputs, output_hidden_states=states, **({"logits_to_keep": 1} if use_fused else {}))
+    t_out = None
     if teacher is not None:
         with torch.no_grad():
-            teacher_logits = teacher(**inputs).logits  # (B, T, V)
-    terms = term_sums(logits, batch["labels"], teacher_logits, vocab, obj.temperature, obj.divergence, params)
-    return combine(terms, *obj.term_weights()), terms
+            only_states = use_fused or obj.alpha == 0
+            t_out = teacher(**inputs, output_hidden_states=states, **({"logits_to_keep": 1} if only_states else {}))
+    if use_fused and cached is not None:  # a cached top-k teacher, fused with the student's lm_head
+        loss, terms = fused_sparse_term_sums(
+            s_out.hidden_states[-1], s_head, batch["labels"], *cached, vocab, *obj.term_weights(), obj.temperature,
+            obj.divergence, params, obj.chunk_size,
+        )
+    elif use_fused:
+        loss, terms = fused_term_sums(
+            s_out.hidden_states[-1], s_head, t_out.hidden_states[-1], t_head, batch["labels"], vocab,
+            *obj.term_weights(), obj.temperature, obj.divergence, params, obj.chunk_size,
+        )
+    elif cached is not None:  # a cached top-k teacher: no teacher model at all
+        terms = sparse_term_sums(s_out.logits, batch["labels"], *cached, vocab, obj.temperature, obj.divergence, params)
+        loss = combine(terms, *obj.term_weights())
+    else:
+        teacher_logits = t_out.logits if t_out is not None and obj.alpha > 0 else None  # (B, T, V)
+        terms = term_sums(s_out.logits, batch["labels"], teacher_logits, vocab, obj.temperature, obj.divergence, params)
+        loss = combine(terms, *obj.term_weights())
+    if projectors is not None:
+        mask = torch.zeros_like(batch["attention_mask"], dtype=torch.bool)
+        mask[:, :-1] = batch["labels"][:, 1:] != IGNORE_INDEX  # the positions the other terms count
+        feature = feature_term_sum(projectors, pairs, cfg.features.loss, s_out.hidden_states, t_out.hidden_states, mask)
+        loss = loss + cfg.features.weight * feature  # as objective.combine weighs it
+        terms["feature"] = feature
+    return loss, terms
+
+
+def build_probe(cfg: RunConfig, pairs, teacher, tokenizer, run_dir: Path, write: bool):
+    """The run's `AlignmentProbe`, or None (no teacher model, no held-out rows, or turned off)."""
+    f = cfg.features
+    if teacher is None or f.probe_examples == 0:
+        return None
+    rows = build_rows(cfg.data, "test")[: f.probe_examples]
+    if not rows:
+        return None
+    examples = tokenize_rows(rows, tokenizer, cfg.data.max_length, source="held-out probe")
+    return AlignmentProbe(Probe(examples, tokenizer.pad_token_id, f.probe_tokens), pairs, teacher, run_dir, write)
 
 
 def train(cfg: RunConfig, resume: bool = False, show_progress: bool = True) -> dict:
@@ -146,6 +171,11 @@ def train(cfg: RunConfig, resume: bool = False, show_progress: bool = True) -> d
     acc = Accelerator(cpu=cpu, mixed_precision="bf16" if cfg.train.precision == "bf16" else "no")
     set_seed(cfg.train.seed)
     student, teacher, tokenizer, vocab = build_models(cfg)
+    pairs = None  # the layer pairs of the feature term and of the CKA probe; a bad map stops here
+    if teacher is not None:
+        pairs = layer_pairs(cfg.features, num_layers(student), num_layers(teacher))
+    torch.manual_seed(cfg.train.seed + 2)  # projector init, apart from the models' seeds
+    projectors = build_projectors(cfg.features, pairs, student, teacher)
     examples = build_examples(cfg.data, tokenizer)
     cache = build_teacher_cache(cfg, tokenizer, examples, output_size(student))
     check_run_dir(run_dir, resume)
@@ -155,13 +185,18 @@ def train(cfg: RunConfig, resume: bool = False, show_progress: bool = True) -> d
     acc.wait_for_everyone()
 
     t = cfg.train
-    optimizer = torch.optim.AdamW(student.parameters(), lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
+    trained = [*student.parameters(), *(projectors.parameters() if projectors is not None else [])]
+    optimizer = torch.optim.AdamW(trained, lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
     # The scheduler is stepped by hand once per optimizer step (accelerate's prepared
     # scheduler would step once per process) and registered so checkpoints carry it.
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, t.warmup_steps, t.steps, t.min_lr_ratio)
     )
-    student, optimizer = acc.prepare(student, optimizer)
+    if projectors is not None:
+        student, projectors, optimizer = acc.prepare(student, projectors, optimizer)
+    else:
+        student, optimizer = acc.prepare(student, optimizer)
+    synced = [student] + ([projectors] if projectors is not None else [])
     acc.register_for_checkpointing(scheduler)
     if teacher is not None:
         teacher.to(acc.device)
@@ -179,14 +214,16 @@ def train(cfg: RunConfig, resume: bool = False, show_progress: bool = True) -> d
     world, rank = acc.num_processes, acc.process_index
     global_batch = t.micro_batch_size * t.grad_accum * world
     n_params = count_parameters(acc.unwrap_model(student))
-    use_fused = (teacher is not None or cache is not None) and cfg.objective.fused is not False
+    use_fused = (teacher is not None or cache is not None) and cfg.objective.alpha > 0 and cfg.objective.fused is not False
     if use_fused:
-        probe = collate(examples[:2], tokenizer.pad_token_id)
-        probe = {k: v.to(acc.device) for k, v in probe.items() if k != "labels"}
+        sample = collate(examples[:2], tokenizer.pad_token_id)
+        sample = {k: v.to(acc.device) for k, v in sample.items() if k != "labels"}
         models = [acc.unwrap_model(student)] + ([teacher] if teacher is not None else [])
-        use_fused = all(head_matches_logits(m, **probe) for m in models)
+        use_fused = all(head_matches_logits(m, **sample) for m in models)
         if not use_fused and cfg.objective.fused:
             raise DistillError("objective.fused=true, but a model's logits are not a plain lm_head of its hidden states")
+    probe = build_probe(cfg, pairs, teacher, tokenizer, run_dir, acc.is_main_process)
+    alignment = probe(start, student, projectors, snapshot=True) if probe is not None and start == 0 else None
     s_head = acc.unwrap_model(student).get_output_embeddings()
     t_head = teacher.get_output_embeddings() if teacher is not None else None
     student.train()
@@ -206,9 +243,13 @@ def train(cfg: RunConfig, resume: bool = False, show_progress: bool = True) -> d
         sums: dict[str, torch.Tensor] = {}
         for i, batch in enumerate(batches):
             last = i == len(batches) - 1
-            with acc.no_sync(student) if not last else contextlib.nullcontext():
+            with contextlib.ExitStack() as stack:
+                for model in synced if not last else []:
+                    stack.enter_context(acc.no_sync(model))
                 with acc.autocast():
-                    loss, terms = micro_batch_objective(student, teacher, batch, use_fused, s_head, t_head, vocab, cfg)
+                    loss, terms = micro_batch_objective(
+                        student, teacher, batch, use_fused, s_head, t_head, vocab, cfg, projectors, pairs
+                    )
                 # DDP averages gradients over processes; scaling by world size turns that
                 # average back into the global sum / global valid-token count.
                 acc.backward(loss * world / max(n_valid, 1.0))
@@ -223,7 +264,7 @@ def train(cfg: RunConfig, resume: bool = False, show_progress: bool = True) -> d
             raise DistillError(f"loss became {record['loss']} at step {step + 1}; stopped before updating ({where})")
         grad_norm = None
         if t.max_grad_norm is not None:
-            grad_norm = acc.clip_grad_norm_(student.parameters(), t.max_grad_norm).item()
+            grad_norm = acc.clip_grad_norm_([p for m in synced for p in m.parameters()], t.max_grad_norm).item()
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
@@ -240,12 +281,19 @@ def train(cfg: RunConfig, resume: bool = False, show_progress: bool = True) -> d
                 f.write(json.dumps(record) + "\n")
         progress.update(step + 1, record["loss"], record["tokens_per_s"])
         done = step + 1
-        if (t.checkpoint_every and done % t.checkpoint_every == 0) or done == t.steps:
+        checkpoint = (t.checkpoint_every and done % t.checkpoint_every == 0) or done == t.steps
+        if checkpoint:
             last_ckpt = save_checkpoint(acc, run_dir, done, t.keep_checkpoints)
+        if probe is not None and (checkpoint or (cfg.features.probe_every and done % cfg.features.probe_every == 0)):
+            alignment = probe(done, student, projectors, snapshot=bool(checkpoint))
     progress.close()
     wall = time.perf_counter() - t_start
 
     export_student(acc, student, tokenizer, run_dir)
+    if projectors is not None:
+        state = acc.get_state_dict(projectors)
+        if acc.is_main_process:
+            export_projectors(acc.unwrap_model(projectors), state, run_dir)
     summary = {
         "steps": t.steps,
         "resumed_from": start,
@@ -256,7 +304,11 @@ def train(cfg: RunConfig, resume: bool = False, show_progress: bool = True) -> d
         "processes": world,
         "fused_loss": use_fused,
         "teacher": "cache" if cache is not None else "live" if teacher is not None else None,
+        "feature_pairs": len(acc.unwrap_model(projectors).pairs) if projectors is not None else 0,
+        "projector_params": count_parameters(acc.unwrap_model(projectors)) if projectors is not None else 0,
     }
+    if alignment is not None:
+        summary["alignment"] = {k: v for k, v in alignment.items() if k != "pairs"}
     if acc.is_main_process:
         atomic_write_json(run_dir / "train_summary.json", summary)
     return summary

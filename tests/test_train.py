@@ -158,8 +158,11 @@ def test_fused_path_trains_like_the_naive_path(tiny_tree, tmp_path, name):
 
 
 @pytest.mark.slow
-def test_two_processes_match_one(tiny_tree, tmp_path):
-    """DDP over 2 CPU processes (gloo) takes the same steps as one process, same global batch."""
+@pytest.mark.parametrize("feature_weight", [0.0, 0.5])
+def test_two_processes_match_one(tiny_tree, tmp_path, feature_weight):
+    """DDP over 2 CPU processes (gloo) takes the same steps as one process, same global batch
+    (with the feature term: the projectors are a second DDP model)."""
+    tiny_tree["features"] = {"weight": feature_weight}
     one, two = copy.deepcopy(tiny_tree), copy.deepcopy(tiny_tree)
     one["out_dir"], two["out_dir"] = str(tmp_path / "one"), str(tmp_path / "two")
     one["train"].update(micro_batch_size=4, grad_accum=2)
@@ -168,7 +171,7 @@ def test_two_processes_match_one(tiny_tree, tmp_path):
     cfg = tmp_path / "two.yaml"
     cfg.write_text(yaml.safe_dump(two))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(29517 + int(feature_weight * 10))]
     proc = subprocess.run(
         [*cmd, "-m", "distill", "train", str(cfg), "--no-eval"], env=env, capture_output=True, text=True, timeout=300
     )
@@ -181,6 +184,12 @@ def test_two_processes_match_one(tiny_tree, tmp_path):
     w1, w2 = _weights(one["out_dir"]), _weights(two["out_dir"])
     for k in w1:
         torch.testing.assert_close(w2[k], w1[k], atol=1e-5, rtol=0)
+    if feature_weight:
+        p1 = load_file(str(Path(one["out_dir"]) / "projectors" / "projectors.safetensors"))
+        p2 = load_file(str(Path(two["out_dir"]) / "projectors" / "projectors.safetensors"))
+        for k in p1:
+            torch.testing.assert_close(p2[k], p1[k], atol=1e-5, rtol=0)
+        assert (Path(two["out_dir"]) / "alignment.jsonl").read_text() != ""
 
 
 @pytest.mark.parametrize("name", ["reverse_kl", "jsd", "skew_forward_kl", "tvd"])

@@ -1,0 +1,179 @@
+"""Does the feature term help? Logit-only vs logit + feature students, equal size and steps.
+
+    python benchmarks/feature_kd.py --setting builtin --seeds 0 1 2
+    python benchmarks/feature_kd.py --setting smollm2 --seeds 0 1 2 --steps 60
+
+builtin: the demo's teacher (cached by `distill demo`, trained here if missing) and the
+    demo's student shape (48 wide vs the teacher's 128, 4 layers each), the demo's data,
+    steps and objective (alpha 0.5, T 2, forward KL); the variants differ only in
+    features.weight (beta; 0 = logit-only). Reports held-out exact-match accuracy (greedy)
+    and the mean linear CKA over the uniform layer pairs on the fixed held-out probe, raw
+    and (feature runs) through the learned projectors.
+smollm2: the packaged SmolLM2-135M-Instruct teacher (30 layers) and a student made by
+    layer drop (`distill student --layers 10`: 10 teacher layers copied, 64M params) on
+    CPython's reference prose; alpha 0.5, T 1, forward KL. Reports the held-out forward
+    KL(teacher || student) at T = 1 over held-out target tokens, and CKA as above.
+
+Each (variant, seed) is one real `distill train` run; seeds change the projector init and
+the data order (the layer-drop init is deterministic). Prints one row per run, then mean
+± sd per variant and the paired difference to logit-only.
+"""
+
+import argparse
+import json
+import platform
+import shutil
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from teacher_cache import SMOL, heldout_kl, prose_rows, teacher_log_probs  # noqa: E402
+
+
+def builtin_tree(teacher: Path, out: Path, seed: int, weight: float, loss: str, steps: int | None) -> dict:
+    from distill.demo import packaged_config
+
+    tree = packaged_config("demo_student")
+    tree["teacher"] = {"name": str(teacher / "student")}
+    tree["train"]["seed"] = seed
+    if steps is not None:
+        tree["train"]["steps"] = steps
+    tree["features"] = {"weight": weight, "loss": loss}
+    tree["out_dir"] = str(out)
+    return tree
+
+
+def smol_tree(student: Path, train_path: Path, held_path: Path, out: Path, seed: int, weight: float, loss: str, steps: int, batch: int) -> dict:
+    return {
+        "student": {"name": str(student)},
+        "teacher": {"name": SMOL},
+        "data": {"source": str(train_path), "eval_source": str(held_path), "max_length": 256, "n_test": 32},
+        "objective": {"alpha": 0.5, "temperature": 1.0, "divergence": "forward_kl"},
+        "features": {"weight": weight, "loss": loss, "probe_examples": 32},
+        "train": {"steps": steps, "micro_batch_size": batch, "lr": 2e-4, "warmup_steps": 5, "seed": seed},
+        "out_dir": str(out),
+    }
+
+
+def last_alignment(run: Path) -> dict:
+    lines = (run / "alignment.jsonl").read_text().splitlines()
+    return json.loads(lines[0]), json.loads(lines[-1])
+
+
+def stat(xs: list[float]) -> str:
+    return f"{statistics.mean(xs):.4f} ± {statistics.stdev(xs):.4f}" if len(xs) > 1 else f"{xs[0]:.4f}"
+
+
+def run_builtin(args, work: Path) -> dict:
+    from rich.console import Console
+
+    from distill.config import build_config
+    from distill.demo import cached_teacher
+    from distill.runner import run_training
+
+    teacher, _ = cached_teacher(Console(stderr=True))
+    teacher_eval = json.loads((teacher / "eval.json").read_text())
+    print(f"teacher {teacher}: accuracy {teacher_eval['accuracy']:.3f}")
+    print("\n| beta | seed | accuracy | CKA raw, step 0 | CKA raw, end | CKA projected, end | feature term, end |")
+    print("|---|---|---|---|---|---|---|")
+    results = {}
+    for weight in args.weights:
+        for seed in args.seeds:
+            out = work / f"builtin-b{weight}-s{seed}"
+            shutil.rmtree(out, ignore_errors=True)
+            cfg = build_config(builtin_tree(teacher, out, seed, weight, args.loss, args.steps))
+            result = run_training(cfg, show_progress=False)
+            first, last = last_alignment(out)
+            metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+            row = {"accuracy": result["eval"]["accuracy"], "cka": last["cka_mean"], "cka0": first["cka_mean"],
+                   "cka_projected": last.get("cka_projected_mean"), "feature": metrics[-1].get("feature")}  # fmt: skip
+            results.setdefault(weight, []).append(row)
+            proj = "-" if row["cka_projected"] is None else f"{row['cka_projected']:.4f}"
+            feat = "-" if row["feature"] is None else f"{row['feature']:.4f}"
+            print(f"| {weight} | {seed} | {row['accuracy']:.3f} | {row['cka0']:.4f} | {row['cka']:.4f} | {proj} | {feat} |", flush=True)
+    return results
+
+
+def run_smollm2(args, work: Path) -> dict:
+    from distill.build import build_examples, build_tokenizer
+    from distill.config import DataConfig, ModelConfig, build_config
+    from distill.evaluate import load_student
+    from distill.models import load_causal_lm
+    from distill.students import make_student
+    from distill.train import train
+
+    train_path, held_path = prose_rows(work)
+    student_dir = work / "smol-student-10"
+    if not (student_dir / "student.json").exists():
+        shutil.rmtree(student_dir, ignore_errors=True)
+        make_student(SMOL, student_dir, layers=10)
+    tok = build_tokenizer(ModelConfig(name=SMOL), "teacher")
+    vocab = len(tok)
+    held = build_examples(DataConfig(source=str(held_path), max_length=256), tok)
+    teacher = load_causal_lm(SMOL).eval()
+    teacher_lp = teacher_log_probs(teacher, held, tok.pad_token_id, vocab)
+    init, _ = load_student(student_dir)
+    print(f"student {student_dir}: {json.loads((student_dir / 'student.json').read_text())['kept_layers']} kept; "
+          f"{len(held)} held-out rows, {teacher_lp.shape[0]} target tokens; "
+          f"held-out KL at init {heldout_kl(init.eval(), teacher_lp, held, tok.pad_token_id, vocab):.4f}")  # fmt: skip
+    del init
+    print(f"\n{args.steps} steps x {args.batch} rows, lr 2e-4, alpha 0.5, T 1, forward KL, feature loss {args.loss}")
+    print("\n| beta | seed | held-out KL | CKA raw, step 0 | CKA raw, end | CKA projected, end | feature term, end | wall s |")
+    print("|---|---|---|---|---|---|---|---|")
+    results = {}
+    for weight in args.weights:
+        for seed in args.seeds:
+            out = work / f"smol-b{weight}-s{seed}"
+            shutil.rmtree(out, ignore_errors=True)
+            tree = smol_tree(student_dir, train_path, held_path, out, seed, weight, args.loss, args.steps, args.batch)
+            summary = train(build_config(tree), show_progress=False)
+            student, _ = load_student(out)
+            kl = heldout_kl(student.eval(), teacher_lp, held, tok.pad_token_id, vocab)
+            first, last = last_alignment(out)
+            metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+            row = {"kl": kl, "cka": last["cka_mean"], "cka0": first["cka_mean"],
+                   "cka_projected": last.get("cka_projected_mean"), "feature": metrics[-1].get("feature")}  # fmt: skip
+            results.setdefault(weight, []).append(row)
+            proj = "-" if row["cka_projected"] is None else f"{row['cka_projected']:.4f}"
+            feat = "-" if row["feature"] is None else f"{row['feature']:.4f}"
+            print(f"| {weight} | {seed} | {kl:.4f} | {row['cka0']:.4f} | {row['cka']:.4f} | {proj} | {feat} | "
+                  f"{summary['wall_s']:.0f} |", flush=True)  # fmt: skip
+    return results
+
+
+def summarise(results: dict, metric: str) -> None:
+    print(f"\n| beta | {metric} mean ± sd | CKA raw mean ± sd | CKA projected mean ± sd | {metric}, minus beta=0 (paired) |")
+    print("|---|---|---|---|---|")
+    base = results.get(0.0)
+    for weight, rows in results.items():
+        proj = [r["cka_projected"] for r in rows if r["cka_projected"] is not None]
+        diff = stat([r[metric] - b[metric] for r, b in zip(rows, base)]) if base and weight != 0.0 else "-"
+        print(f"| {weight} | {stat([r[metric] for r in rows])} | {stat([r['cka'] for r in rows])} | "
+              f"{stat(proj) if proj else '-'} | {diff} |")  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--setting", choices=["builtin", "smollm2"], required=True)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--weights", type=float, nargs="+", default=[0.0, 1.0], help="features.weight (beta) per variant")
+    parser.add_argument("--loss", default="ln_mse", choices=["mse", "cosine", "ln_mse"])
+    parser.add_argument("--steps", type=int, default=None, help="builtin: the demo's 1500; smollm2: 60")
+    parser.add_argument("--batch", type=int, default=8, help="smollm2 rows per step")
+    parser.add_argument("--work", default="/tmp/distill-feature-bench")
+    args = parser.parse_args()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    print(f"# {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    if args.setting == "builtin":
+        summarise(run_builtin(args, work), "accuracy")
+    else:
+        args.steps = args.steps or 60
+        summarise(run_smollm2(args, work), "kl")
+
+
+if __name__ == "__main__":
+    main()
