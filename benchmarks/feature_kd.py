@@ -14,9 +14,11 @@ smollm2: the packaged SmolLM2-135M-Instruct teacher (30 layers) and a student ma
     CPython's reference prose; alpha 0.5, T 1, forward KL. Reports the held-out forward
     KL(teacher || student) at T = 1 over held-out target tokens, and CKA as above.
 
-Each (variant, seed) is one real `distill train` run; seeds change the projector init and
-the data order (the layer-drop init is deterministic). Prints one row per run, then mean
-± sd per variant and the paired difference to logit-only.
+Each (variant, seed) is one real `distill train` run; seeds change the data order and
+projector init, and on the built-in task the student init (the layer-drop init is
+deterministic). CKA is recomputed from the run's saved latents (step 0 and the last
+checkpoint), each example's first token left out. Prints one row per run, then mean ± sd
+per variant and the paired difference to logit-only. --reuse reads finished runs back.
 """
 
 import argparse
@@ -46,21 +48,49 @@ def builtin_tree(teacher: Path, out: Path, seed: int, weight: float, loss: str, 
     return tree
 
 
-def smol_tree(student: Path, train_path: Path, held_path: Path, out: Path, seed: int, weight: float, loss: str, steps: int, batch: int) -> dict:
+def smol_tree(student: Path, train_path: Path, held_path: Path, out: Path, seed: int, weight: float, args) -> dict:
     return {
         "student": {"name": str(student)},
         "teacher": {"name": SMOL},
         "data": {"source": str(train_path), "eval_source": str(held_path), "max_length": 256, "n_test": 32},
         "objective": {"alpha": 0.5, "temperature": 1.0, "divergence": "forward_kl"},
-        "features": {"weight": weight, "loss": loss, "probe_examples": 32},
-        "train": {"steps": steps, "micro_batch_size": batch, "lr": 2e-4, "warmup_steps": 5, "seed": seed},
+        "features": {"weight": weight, "loss": args.loss, "layers": args.layer_map, "probe_examples": 32},
+        "train": {"steps": args.steps, "micro_batch_size": args.batch, "lr": 2e-4, "warmup_steps": 5, "seed": seed},
         "out_dir": str(out),
     }
 
 
-def last_alignment(run: Path) -> dict:
-    lines = (run / "alignment.jsonl").read_text().splitlines()
-    return json.loads(lines[0]), json.loads(lines[-1])
+def cka_from_latents(run: Path) -> dict:
+    """Mean linear CKA over the layer pairs from the saved latents, at step 0 and at the end:
+    raw student states, and (feature runs) projected ones; each example's first token left
+    out, as `features.skip_first_token` does."""
+    from safetensors.torch import load_file
+
+    from distill.alignment import linear_cka
+
+    latents = run / "latents"
+    meta = json.loads((latents / "probe.json").read_text())
+    keep = torch.tensor(meta["tokens"]["position"]) > 0
+    teacher = load_file(str(latents / "teacher.safetensors"))
+    steps = sorted(latents.glob("step-*.safetensors"))
+    out = {}
+    for name, path in (("cka0", steps[0]), ("cka", steps[-1])):
+        states = load_file(str(path))
+        pairs = meta["pairs"]
+        t = [teacher[f"teacher.{p['teacher']}"].float()[keep] for p in pairs]
+        out[name] = statistics.mean(linear_cka(states[f"student.{p['student']}"].float()[keep], y) for p, y in zip(pairs, t))
+        if name == "cka" and "projected.0" in states:
+            out["cka_projected"] = statistics.mean(linear_cka(states[f"projected.{k}"].float()[keep], y) for k, y in enumerate(t))
+    out.setdefault("cka_projected", None)
+    return out
+
+
+def done(out: Path, reuse: bool, needs: str) -> bool:
+    """--reuse: a finished run is read back instead of trained again."""
+    if reuse and (out / needs).exists():
+        return True
+    shutil.rmtree(out, ignore_errors=True)
+    return False
 
 
 def stat(xs: list[float]) -> str:
@@ -83,13 +113,11 @@ def run_builtin(args, work: Path) -> dict:
     for weight in args.weights:
         for seed in args.seeds:
             out = work / f"builtin-b{weight}-s{seed}"
-            shutil.rmtree(out, ignore_errors=True)
-            cfg = build_config(builtin_tree(teacher, out, seed, weight, args.loss, args.steps))
-            result = run_training(cfg, show_progress=False)
-            first, last = last_alignment(out)
+            if not done(out, args.reuse, "eval.json"):
+                run_training(build_config(builtin_tree(teacher, out, seed, weight, args.loss, args.steps)), show_progress=False)
             metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-            row = {"accuracy": result["eval"]["accuracy"], "cka": last["cka_mean"], "cka0": first["cka_mean"],
-                   "cka_projected": last.get("cka_projected_mean"), "feature": metrics[-1].get("feature")}  # fmt: skip
+            accuracy = json.loads((out / "eval.json").read_text())["accuracy"]
+            row = {"accuracy": accuracy, **cka_from_latents(out), "feature": metrics[-1].get("feature")}
             results.setdefault(weight, []).append(row)
             proj = "-" if row["cka_projected"] is None else f"{row['cka_projected']:.4f}"
             feat = "-" if row["feature"] is None else f"{row['feature']:.4f}"
@@ -120,22 +148,22 @@ def run_smollm2(args, work: Path) -> dict:
           f"{len(held)} held-out rows, {teacher_lp.shape[0]} target tokens; "
           f"held-out KL at init {heldout_kl(init.eval(), teacher_lp, held, tok.pad_token_id, vocab):.4f}")  # fmt: skip
     del init
-    print(f"\n{args.steps} steps x {args.batch} rows, lr 2e-4, alpha 0.5, T 1, forward KL, feature loss {args.loss}")
+    print(f"\n{args.steps} steps x {args.batch} rows, lr 2e-4, alpha 0.5, T 1, forward KL, feature loss {args.loss}, "
+          f"layer map {args.layer_map}")  # fmt: skip
     print("\n| beta | seed | held-out KL | CKA raw, step 0 | CKA raw, end | CKA projected, end | feature term, end | wall s |")
     print("|---|---|---|---|---|---|---|---|")
     results = {}
     for weight in args.weights:
         for seed in args.seeds:
-            out = work / f"smol-b{weight}-s{seed}"
-            shutil.rmtree(out, ignore_errors=True)
-            tree = smol_tree(student_dir, train_path, held_path, out, seed, weight, args.loss, args.steps, args.batch)
-            summary = train(build_config(tree), show_progress=False)
+            out = work / f"smol-b{weight}{'' if args.layer_map == 'uniform' else '-' + args.layer_map}-s{seed}"
+            if not done(out, args.reuse, "train_summary.json"):
+                tree = smol_tree(student_dir, train_path, held_path, out, seed, weight, args)
+                train(build_config(tree), show_progress=False)
+            summary = json.loads((out / "train_summary.json").read_text())
             student, _ = load_student(out)
             kl = heldout_kl(student.eval(), teacher_lp, held, tok.pad_token_id, vocab)
-            first, last = last_alignment(out)
             metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-            row = {"kl": kl, "cka": last["cka_mean"], "cka0": first["cka_mean"],
-                   "cka_projected": last.get("cka_projected_mean"), "feature": metrics[-1].get("feature")}  # fmt: skip
+            row = {"kl": kl, **cka_from_latents(out), "feature": metrics[-1].get("feature")}
             results.setdefault(weight, []).append(row)
             proj = "-" if row["cka_projected"] is None else f"{row['cka_projected']:.4f}"
             feat = "-" if row["feature"] is None else f"{row['feature']:.4f}"
@@ -161,9 +189,12 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--weights", type=float, nargs="+", default=[0.0, 1.0], help="features.weight (beta) per variant")
     parser.add_argument("--loss", default="ln_mse", choices=["mse", "cosine", "ln_mse"])
+    parser.add_argument("--layer-map", default="uniform", choices=["uniform", "last", "kept"],
+                        help="features.layers (kept: smollm2 only, the layer-drop student's source layers)")  # fmt: skip
     parser.add_argument("--steps", type=int, default=None, help="builtin: the demo's 1500; smollm2: 60")
     parser.add_argument("--batch", type=int, default=8, help="smollm2 rows per step")
     parser.add_argument("--work", default="/tmp/distill-feature-bench")
+    parser.add_argument("--reuse", action="store_true", help="read finished runs in --work back instead of retraining")
     args = parser.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)

@@ -17,8 +17,8 @@ import torch
 from safetensors.torch import save_file
 
 from distill.data import Example, collate
-from distill.features import Pair
-from distill.paths import atomic_write_json, atomic_write_text
+from distill.features import Pair, pair_record
+from distill.paths import atomic_write_json
 
 
 def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -39,7 +39,7 @@ def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
 class Probe:
     """A fixed batch of held-out examples and the mask of the tokens that are probed."""
 
-    def __init__(self, examples: list[Example], pad_id: int, max_tokens: int):
+    def __init__(self, examples: list[Example], pad_id: int, max_tokens: int, skip_first: bool):
         chosen, total = [], 0
         for ex in examples:
             n = len(ex.input_ids)
@@ -49,7 +49,9 @@ class Probe:
             total += n
         batch = collate(chosen, pad_id)
         self.input_ids, self.attention_mask = batch["input_ids"], batch["attention_mask"]
-        self.mask = self.attention_mask.bool()  # (B, T): every real token
+        self.mask = self.attention_mask.bool()  # (B, T): the real tokens (right padding) ...
+        if skip_first:
+            self.mask[:, 0] = False  # ... but the first (see FeatureConfig.skip_first_token)
         example, position = self.mask.nonzero(as_tuple=True)
         self.tokens = {
             "example": example.tolist(),
@@ -84,7 +86,7 @@ class AlignmentProbe:
         if write:
             latents = run_dir / "latents"
             latents.mkdir(parents=True, exist_ok=True)
-            meta = {"tokens": probe.tokens, "pairs": [vars(p) for p in pairs], "hidden_states_index": "0 = embeddings"}
+            meta = {"tokens": probe.tokens, "pairs": [pair_record(p) for p in pairs]}
             atomic_write_json(latents / "probe.json", meta)
             _save(latents / "teacher.safetensors", {f"teacher.{i}": s for i, s in self.teacher_states.items()})
 
@@ -98,7 +100,7 @@ class AlignmentProbe:
             projected = [h.float().cpu() for h in projectors({i: s.to(device) for i, s in states.items()})]
         rows = []
         for k, p in enumerate(self.pairs):
-            row = {"student": p.student, "teacher": p.teacher, "cka": linear_cka(states[p.student], self.teacher_states[p.teacher])}
+            row = {**pair_record(p), "cka": linear_cka(states[p.student], self.teacher_states[p.teacher])}
             if projected is not None:
                 row["cka_projected"] = linear_cka(projected[k], self.teacher_states[p.teacher])
             rows.append(row)
@@ -107,9 +109,8 @@ class AlignmentProbe:
         if projected is not None:
             record["cka_projected_mean"] = sum(r["cka_projected"] for r in rows) / len(rows)
         if self.write:
-            log = self.run_dir / "alignment.jsonl"
-            kept = [line for line in log.read_text().splitlines() if json.loads(line)["step"] < step] if log.exists() else []
-            atomic_write_text(log, "".join(line + "\n" for line in [*kept, json.dumps(record)]))
+            with open(self.run_dir / "alignment.jsonl", "a") as f:  # trimmed on resume, like metrics.jsonl
+                f.write(json.dumps(record) + "\n")
             if snapshot:
                 tensors = {f"student.{i}": s for i, s in states.items()}
                 tensors |= {f"projected.{k}": h for k, h in enumerate(projected or [])}

@@ -63,7 +63,8 @@ class DataConfig(Section):
 class ObjectiveConfig(Section):
     alpha: float = Field(0.5, ge=0.0, le=1.0)
     """Weight of the distillation term: (1 - alpha) * task CE + alpha * T^2 * D (T^2 only with
-    t_squared). 0 = labels only, no teacher loaded."""
+    t_squared). 0 = no logit distillation (labels only, and no teacher loaded, unless
+    features.weight > 0)."""
     temperature: float = Field(2.0, gt=0.0)
     """Loss temperature T: both models' logits are divided by T before the divergence, which
     softens the distributions and exposes the teacher's ranking of wrong tokens. It shapes
@@ -146,9 +147,11 @@ class FeatureConfig(Section):
     weight: float = Field(0.0, ge=0.0)
     """beta: loss = (1 - alpha) CE + alpha T^2 D + beta * feature. 0: no feature term and no
     projectors (the CKA probe still runs on the raw states)."""
-    layers: Literal["uniform", "last"] | list[LayerPair] = "uniform"
+    layers: Literal["uniform", "last", "kept"] | list[LayerPair] = "uniform"
     """'uniform': student layer i <-> teacher layer round((i + 1) * L_t / L_s) - 1 (halves
-    round up); 'last': the last layers only; or explicit pairs with weights."""
+    round up); 'last': the last layers only; 'kept': a layer-drop student's layer i <-> the
+    teacher layer it was copied from (its student.json, written by `distill student`); or
+    explicit pairs with weights."""
     embeddings: bool = False
     """Also align the input embeddings (a pair added to 'uniform' or 'last')."""
     loss: Literal["mse", "cosine", "ln_mse"] = "mse"
@@ -162,9 +165,14 @@ class FeatureConfig(Section):
     """Hidden width of the 'mlp' projector; null: the teacher's width."""
     probe_examples: int = Field(32, ge=0)
     """Held-out examples in the fixed alignment probe (CKA per layer pair, latent snapshots);
-    0 turns the probe off. Needs a loaded teacher and a held-out split."""
+    0 turns the probe off. It runs whenever a teacher model is loaded and there is a held-out
+    split (the built-in task's, or data.eval_source)."""
     probe_tokens: int = Field(2048, ge=1)
     """At most this many probe tokens (whole examples, in order)."""
+    skip_first_token: bool = True
+    """Leave each sequence's first token out of the feature term and the probe: attention-sink
+    tokens carry activations orders of magnitude above the rest (SmolLM2 layer 15: 29264 vs
+    at most 147 elsewhere) that would dominate an MSE or linear CKA."""
     probe_every: int = Field(0, ge=0)
     """Also run the probe every N steps (it always runs at step 0 and at each checkpoint)."""
 

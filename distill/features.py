@@ -35,6 +35,17 @@ class Pair:
     weight: float
 
 
+def layer_name(index: int) -> int | str:
+    """A hidden_states index as the config names it: 'embeddings' or the 0-based layer."""
+    return "embeddings" if index == 0 else index - 1
+
+
+def pair_record(p: Pair) -> dict:
+    """A pair for the run directory: hidden_states indices (`student`, `teacher`, which key
+    the latents) and the layers as `features.layers` names them."""
+    return {**vars(p), "student_layer": layer_name(p.student), "teacher_layer": layer_name(p.teacher)}
+
+
 def num_layers(model) -> int:
     return model.config.get_text_config().num_hidden_layers
 
@@ -56,9 +67,26 @@ def _index(layer: int | str, n: int, key: str, role: str) -> int:
     return layer + 1
 
 
-def layer_pairs(fcfg: FeatureConfig, n_student: int, n_teacher: int) -> list[Pair]:
-    """Resolve `features.layers` (+ `features.embeddings`) against the two models' depths."""
-    if fcfg.layers == "uniform":
+def kept_layers(student_name: str | None) -> list[int]:
+    """The teacher layers a layer-drop student was copied from (its folder's student.json)."""
+    record = Path(student_name or "") / "student.json"
+    kept = json.loads(record.read_text()).get("kept_layers") if student_name and record.is_file() else None
+    if not kept:
+        raise ConfigError(
+            f"features.layers=kept needs a layer-drop student made by `distill student`; {student_name!r} has no "
+            "student.json listing kept_layers"
+        )
+    return kept
+
+
+def layer_pairs(fcfg: FeatureConfig, n_student: int, n_teacher: int, kept: list[int] | None = None) -> list[Pair]:
+    """Resolve `features.layers` (+ `features.embeddings`) against the two models' depths;
+    `kept`: for 'kept', the teacher layer each student layer was copied from."""
+    if fcfg.layers == "kept":
+        if kept is None or len(kept) != n_student or not all(0 <= k < n_teacher for k in kept):
+            raise ConfigError(f"features.layers=kept: kept layers {kept} do not fit a {n_student}-layer student of a {n_teacher}-layer teacher")
+        pairs = [Pair(i + 1, k + 1, 1.0) for i, k in enumerate(kept)]
+    elif fcfg.layers == "uniform":
         pairs = [Pair(i + 1, uniform_teacher_layer(i, n_student, n_teacher) + 1, 1.0) for i in range(n_student)]
     elif fcfg.layers == "last":
         pairs = [Pair(n_student, n_teacher, 1.0)]
@@ -95,7 +123,7 @@ class FeatureProjectors(nn.Module):
         super().__init__()
         self.pairs = pairs
         self.spec = {
-            "pairs": [vars(p) for p in pairs],
+            "pairs": [pair_record(p) for p in pairs],
             "d_student": d_student,
             "d_teacher": d_teacher,
             "projector": fcfg.projector,
@@ -161,7 +189,7 @@ def load_projectors(run_dir: str | Path) -> FeatureProjectors:
     fcfg = FeatureConfig(
         weight=1.0, projector=spec["projector"], projector_bias=spec["bias"], mlp_hidden=spec["mlp_hidden"], loss=spec["loss"]
     )
-    pairs = [Pair(**p) for p in spec["pairs"]]
+    pairs = [Pair(p["student"], p["teacher"], p["weight"]) for p in spec["pairs"]]
     projectors = FeatureProjectors(pairs, spec["d_student"], spec["d_teacher"], fcfg)
     projectors.load_state_dict(load_file(str(folder / "projectors.safetensors")))
     return projectors

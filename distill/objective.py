@@ -81,12 +81,12 @@ def sparse_term_sums(
     return {"task_ce": cross_entropy(s, targets), "kd": kd}
 
 
-def combine(terms: dict[str, torch.Tensor], ce_weight: float, kd_weight: float, feature_weight: float = 0.0) -> torch.Tensor:
-    """ce_weight * task_ce + kd_weight * kd (+ feature_weight * feature, when that term is
-    there): still a sum over tokens, not yet normalised. Without a KD term the task CE is
-    unweighted (a label-only run)."""
-    loss = terms["task_ce"] if "kd" not in terms else ce_weight * terms["task_ce"] + kd_weight * terms["kd"]
-    return loss + feature_weight * terms["feature"] if "feature" in terms else loss
+def combine(terms: dict[str, torch.Tensor], ce_weight: float, kd_weight: float) -> torch.Tensor:
+    """ce_weight * task_ce + kd_weight * kd (still a sum over tokens, not yet normalised);
+    the task CE alone, unweighted, without a KD term. The training loop adds beta * feature."""
+    if "kd" not in terms:
+        return terms["task_ce"]
+    return ce_weight * terms["task_ce"] + kd_weight * terms["kd"]
 
 
 def fused_term_sums(

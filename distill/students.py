@@ -60,14 +60,20 @@ def check_kept(keep: list[int], n_teacher: int) -> list[int]:
     return list(keep)
 
 
+# Config keys that hold one value per decoder layer (in transformers' model families).
+PER_LAYER_KEYS = ("layer_types", "no_rope_layers", "activation_sparsity_pattern", "intermediate_size",
+                  "num_key_value_heads", "num_attention_heads", "num_kv_heads", "num_query_heads")  # fmt: skip
+
+
 def _drop_config(config, keep: list[int]):
     """A copy of the config with only the kept layers (and their per-layer settings)."""
     config = copy.deepcopy(config)
     text = config.get_text_config()
     n_old = text.num_hidden_layers
     text.num_hidden_layers = len(keep)
-    for key, value in list(vars(text).items()):  # per-layer lists: layer_types, ...
-        if isinstance(value, list) and len(value) == n_old and key != "architectures":
+    for key in PER_LAYER_KEYS:
+        value = getattr(text, key, None)
+        if isinstance(value, (list, tuple)) and len(value) == n_old:
             setattr(text, key, [value[i] for i in keep])
     return config
 
@@ -207,6 +213,8 @@ def make_student(
     resize = any(x is not None for x in (hidden_size, intermediate_size, heads, kv_heads))
     if config_file is not None and (resize or any(chosen)):
         raise DistillError("--config gives the whole student; drop the layer and width options")
+    if resize and (every is not None or keep is not None):
+        raise DistillError("a narrower student starts from random weights: give its depth with --layers, not --every / --keep")
     teacher = load_causal_lm(name=teacher_name, dtype=dtype)
     tokenizer = load_tokenizer(teacher_name)
     n_teacher = teacher.config.get_text_config().num_hidden_layers
@@ -216,10 +224,9 @@ def make_student(
         student = random_student(config_from_file(config_file, vocab, tokenizer), seed, teacher.dtype)
         record |= {"init": "random", "config_file": str(config_file), "seed": seed}
     elif resize:
-        student = random_student(resized_config(teacher.config, layers, hidden_size, intermediate_size, heads, kv_heads), seed, teacher.dtype)
+        config = resized_config(teacher.config, layers, hidden_size, intermediate_size, heads, kv_heads)
+        student = random_student(config, seed, teacher.dtype)
         record |= {"init": "random", "seed": seed}
-        if every is not None or keep is not None:
-            raise DistillError("a narrower student starts from random weights: give its depth with --layers, not --every / --keep")
     else:
         if layers is not None:
             keep = spread_layers(n_teacher, layers)

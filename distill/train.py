@@ -16,14 +16,21 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 
 from distill.alignment import AlignmentProbe, Probe
 from distill.build import build_examples, build_models, build_rows, build_teacher_cache, output_size
 from distill.config import RunConfig, dump_config
 from distill.data import IGNORE_INDEX, collate, global_batch_indices, micro_batches, tokenize_rows
 from distill.errors import DistillError
-from distill.features import build_projectors, export_projectors, feature_term_sum, layer_pairs, num_layers
+from distill.features import (
+    build_projectors,
+    export_projectors,
+    feature_term_sum,
+    kept_layers,
+    layer_pairs,
+    num_layers,
+)
 from distill.models import count_parameters
 from distill.objective import (
     combine,
@@ -89,7 +96,8 @@ def quiet(logger: str):
 
 
 def trim_metrics(path: Path, last_step: int) -> None:
-    """On resume, drop records of steps past the checkpoint: they are about to be redone."""
+    """On resume, drop records (metrics, alignment) of steps past the checkpoint: they are
+    about to be redone."""
     if path.exists():
         keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= last_step]
         atomic_write_text(path, "".join(line + "\n" for line in keep))
@@ -145,8 +153,10 @@ def micro_batch_objective(
     if projectors is not None:
         mask = torch.zeros_like(batch["attention_mask"], dtype=torch.bool)
         mask[:, :-1] = batch["labels"][:, 1:] != IGNORE_INDEX  # the positions the other terms count
+        if cfg.features.skip_first_token:
+            mask[:, 0] = False
         feature = feature_term_sum(projectors, pairs, cfg.features.loss, s_out.hidden_states, t_out.hidden_states, mask)
-        loss = loss + cfg.features.weight * feature  # as objective.combine weighs it
+        loss = loss + cfg.features.weight * feature  # (1 - alpha) CE + alpha T^2 D + beta * feature
         terms["feature"] = feature
     return loss, terms
 
@@ -160,7 +170,8 @@ def build_probe(cfg: RunConfig, pairs, teacher, tokenizer, run_dir: Path, write:
     if not rows:
         return None
     examples = tokenize_rows(rows, tokenizer, cfg.data.max_length, source="held-out probe")
-    return AlignmentProbe(Probe(examples, tokenizer.pad_token_id, f.probe_tokens), pairs, teacher, run_dir, write)
+    probe = Probe(examples, tokenizer.pad_token_id, f.probe_tokens, f.skip_first_token)
+    return AlignmentProbe(probe, pairs, teacher, run_dir, write)
 
 
 def train(cfg: RunConfig, resume: bool = False, show_progress: bool = True) -> dict:
@@ -169,11 +180,14 @@ def train(cfg: RunConfig, resume: bool = False, show_progress: bool = True) -> d
     # accelerate only sets up multi-process CPU (gloo) when told cpu=True.
     cpu = cfg.train.device == "cpu" or not torch.cuda.is_available()
     acc = Accelerator(cpu=cpu, mixed_precision="bf16" if cfg.train.precision == "bf16" else "no")
+    if cfg.features.weight > 0 and acc.distributed_type == DistributedType.FSDP:
+        raise DistillError("features.weight > 0 runs on one process or DDP; FSDP does not shard the projectors yet")
     set_seed(cfg.train.seed)
     student, teacher, tokenizer, vocab = build_models(cfg)
     pairs = None  # the layer pairs of the feature term and of the CKA probe; a bad map stops here
     if teacher is not None:
-        pairs = layer_pairs(cfg.features, num_layers(student), num_layers(teacher))
+        kept = kept_layers(cfg.student.name) if cfg.features.layers == "kept" else None
+        pairs = layer_pairs(cfg.features, num_layers(student), num_layers(teacher), kept)
     torch.manual_seed(cfg.train.seed + 2)  # projector init, apart from the models' seeds
     projectors = build_projectors(cfg.features, pairs, student, teacher)
     examples = build_examples(cfg.data, tokenizer)
@@ -210,6 +224,7 @@ def train(cfg: RunConfig, resume: bool = False, show_progress: bool = True) -> d
         start = json.loads((last_ckpt / "state.json").read_text())["step"]
         if acc.is_main_process:
             trim_metrics(run_dir / "metrics.jsonl", start)
+            trim_metrics(run_dir / "alignment.jsonl", start)
 
     world, rank = acc.num_processes, acc.process_index
     global_batch = t.micro_batch_size * t.grad_accum * world
@@ -223,7 +238,9 @@ def train(cfg: RunConfig, resume: bool = False, show_progress: bool = True) -> d
         if not use_fused and cfg.objective.fused:
             raise DistillError("objective.fused=true, but a model's logits are not a plain lm_head of its hidden states")
     probe = build_probe(cfg, pairs, teacher, tokenizer, run_dir, acc.is_main_process)
-    alignment = probe(start, student, projectors, snapshot=True) if probe is not None and start == 0 else None
+    alignment = None
+    if probe is not None and (start == 0 or not (run_dir / "latents" / f"step-{start:06d}.safetensors").exists()):
+        alignment = probe(start, student, projectors, snapshot=True)  # also a snapshot a crash cut short
     s_head = acc.unwrap_model(student).get_output_embeddings()
     t_head = teacher.get_output_embeddings() if teacher is not None else None
     student.train()

@@ -52,7 +52,8 @@ def test_probe_logs_cka_and_saves_latents_at_checkpoints(tiny_tree):
     records = [json.loads(x) for x in (run / "alignment.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [0, 1, 2, 3, 4]
     for r in records:
-        assert [(p["student"], p["teacher"]) for p in r["pairs"]] == [(1, 1), (2, 2)]
+        assert [(p["student"], p["teacher"]) for p in r["pairs"]] == [(1, 1), (2, 2)]  # hidden_states indices
+        assert [(p["student_layer"], p["teacher_layer"]) for p in r["pairs"]] == [(0, 0), (1, 1)]  # config layers
         assert all(0 <= p["cka"] <= 1 and 0 <= p["cka_projected"] <= 1 for p in r["pairs"])
     assert summary["alignment"]["cka_mean"] == records[-1]["cka_mean"]
 
@@ -102,5 +103,12 @@ def test_probe_token_budget_takes_whole_examples(tiny_tree):
     assert 0 < len(tokens["token_id"]) <= 100
     per_example = [tokens["example"].count(e) for e in sorted(set(tokens["example"]))]
     positions = [[p for p, e in zip(tokens["position"], tokens["example"]) if e == k] for k in sorted(set(tokens["example"]))]
-    assert all(pos == list(range(n)) for pos, n in zip(positions, per_example))  # whole examples, in order
+    assert all(pos == list(range(1, n + 1)) for pos, n in zip(positions, per_example))  # whole, first token left out
     assert any(tokens["completion"]) and not all(tokens["completion"])
+
+
+def test_probe_can_keep_the_first_token(tiny_tree):
+    tiny_tree["features"] = {"probe_examples": 3, "skip_first_token": False}
+    train(build_config(tiny_tree), show_progress=False)
+    tokens = json.loads((Path(tiny_tree["out_dir"]) / "latents" / "probe.json").read_text())["tokens"]
+    assert tokens["position"].count(0) == 3

@@ -1,6 +1,7 @@
 """Feature alignment: layer maps, projectors, feature losses, the combined objective."""
 
 import copy
+import json
 from pathlib import Path
 
 import pytest
@@ -62,7 +63,7 @@ def test_reproduces_the_chapter_modern_kd_loss():
         "kd": divergence("forward_kl", student_logits, teacher_logits, mask, objective.temperature),
         "feature": feature_term_sum(projectors, projectors.pairs, "mse", (h_s,), (h_t,), mask),
     }
-    ours = combine(terms, *objective.term_weights(), fcfg.weight) / mask.sum()
+    ours = (combine(terms, *objective.term_weights()) + fcfg.weight * terms["feature"]) / mask.sum()
     assert abs(ours.item() - expected.item()) < 1e-6, (ours.item(), expected.item())
     # and the gradients reaching the student's states and the projector agree
     h_s.requires_grad_(True)
@@ -201,28 +202,59 @@ def test_accumulation_invariance_with_features(tiny_tree, tmp_path):
         assert y["loss"] == pytest.approx(x["loss"], abs=1e-5, rel=0)
 
 
-def test_resume_with_features_equals_uninterrupted(tiny_tree, tmp_path, monkeypatch):
+def test_first_token_is_left_out_of_the_feature_term_unless_asked(tiny_tree, tmp_path):
+    """Completion-only rows put position 0 under a target; attention-sink states stay out."""
+    rows = "".join('{"text": "Q:%d+%d=%d"}\n' % (i, i, (2 * i) % 10) for i in range(16))
+    (tmp_path / "rows.jsonl").write_text(rows)
+    tiny_tree["data"] = {"source": str(tmp_path / "rows.jsonl")}
+    tiny_tree["train"]["steps"] = 1
+    runs = {}
+    for skip in (True, False):
+        tree = copy.deepcopy(tiny_tree)
+        tree["features"] = {"weight": 1.0, "skip_first_token": skip}
+        tree["out_dir"] = str(tmp_path / f"skip-{skip}")
+        train(build_config(tree), show_progress=False)
+        runs[skip] = read_metrics(tree["out_dir"])[0]
+    assert runs[True]["task_ce"] == runs[False]["task_ce"]  # the same batch and models
+    assert runs[True]["feature"] != pytest.approx(runs[False]["feature"], rel=1e-3)
+
+
+def test_feature_term_under_fsdp_stops_with_a_clear_error(tiny_tree, monkeypatch):
+    import types
+
     import distill.train as train_mod
+    from accelerate.utils import DistributedType
 
-    tiny_tree["features"] = {"weight": 0.5}
-    tiny_tree["train"].update(steps=6, checkpoint_every=3)
-    full, cut = copy.deepcopy(tiny_tree), copy.deepcopy(tiny_tree)
-    full["out_dir"], cut["out_dir"] = str(tmp_path / "full"), str(tmp_path / "cut")
-    train(build_config(full), show_progress=False)
-    real_update = train_mod.Progress.update
+    from distill.errors import DistillError
 
-    def crash(self, step, loss, tps):
-        real_update(self, step, loss, tps)
-        if step == 5:
-            raise KeyboardInterrupt
+    # make this one-process run look like FSDP to the guard
+    monkeypatch.setattr(train_mod, "DistributedType", types.SimpleNamespace(FSDP=DistributedType.NO))
+    tiny_tree["features"] = {"weight": 1.0}
+    with pytest.raises(DistillError, match="FSDP does not shard the projectors yet"):
+        train(build_config(tiny_tree), show_progress=False)
+    assert not Path(tiny_tree["out_dir"]).exists()
 
-    monkeypatch.setattr(train_mod.Progress, "update", crash)
-    with pytest.raises(KeyboardInterrupt):
-        train(build_config(cut), show_progress=False)
-    monkeypatch.setattr(train_mod.Progress, "update", real_update)
-    train(build_config(cut), resume=True, show_progress=False)
-    for x, y in zip(read_metrics(full["out_dir"]), read_metrics(cut["out_dir"])):
-        assert y["feature"] == pytest.approx(x["feature"], abs=1e-6, rel=0)
-    pf, pc = load_projectors(full["out_dir"]), load_projectors(cut["out_dir"])
-    for (k, vf), vc in zip(pf.state_dict().items(), pc.state_dict().values()):
-        torch.testing.assert_close(vc, vf, atol=1e-6, rtol=0)
+
+def test_kept_map_pairs_a_layer_drop_student_with_its_source_layers(tiny_tree, tmp_path):
+    from distill.models import load_causal_lm
+    from distill.students import layer_drop_student, save_student
+    from distill.tasks.tokenizer import chain_tokenizer
+
+    tok = chain_tokenizer()
+    torch.manual_seed(0)
+    deep = {**tiny_tree["teacher"]["config"], "num_hidden_layers": 5, "vocab_size": len(tok), "pad_token_id": tok.pad_token_id}
+    teacher = load_causal_lm(config=deep)
+    teacher.save_pretrained(tmp_path / "teacher")
+    tok.save_pretrained(tmp_path / "teacher")
+    save_student(layer_drop_student(teacher, [1, 4]), tok, tmp_path / "student", {"kept_layers": [1, 4]})
+    tiny_tree["teacher"] = {"name": str(tmp_path / "teacher")}
+    tiny_tree["student"] = {"name": str(tmp_path / "student")}
+    tiny_tree["features"] = {"weight": 1.0, "layers": "kept"}
+    train(build_config(tiny_tree), show_progress=False)
+    record = json.loads((Path(tiny_tree["out_dir"]) / "alignment.jsonl").read_text().splitlines()[0])
+    assert [(p["student_layer"], p["teacher_layer"]) for p in record["pairs"]] == [(0, 1), (1, 4)]
+    # a student without a student.json is refused, naming the key
+    tiny_tree["student"] = {"name": str(tmp_path / "teacher")}
+    tiny_tree["out_dir"] = str(tmp_path / "other")
+    with pytest.raises(ConfigError, match="features.layers=kept needs a layer-drop student"):
+        train(build_config(tiny_tree), show_progress=False)

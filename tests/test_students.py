@@ -97,6 +97,9 @@ def test_per_layer_config_lists_follow_the_kept_layers():
     assert len(set(types)) == 2  # sliding and full attention layers
     student = layer_drop_student(teacher, [1, 3])
     assert student.config.layer_types == [types[1], types[3]]
+    # a list that is not per layer, though as long as the stack, is left alone
+    teacher.config.eos_token_id = [5, 6, 7, 8]
+    assert layer_drop_student(teacher, [1, 3]).config.eos_token_id == [5, 6, 7, 8]
 
 
 def test_cli_writes_a_student_transformers_loads(teacher_dir, tmp_path):

@@ -1,6 +1,7 @@
 """End-to-end training on CPU with tiny random models: artifacts, learning, invariances."""
 
 import copy
+import json
 import os
 import subprocess
 import sys
@@ -80,7 +81,9 @@ def test_accumulation_invariance_1x8_equals_8x1(tiny_tree, tmp_path):
         torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=0)
 
 
-def test_resume_equals_uninterrupted(tiny_tree, tmp_path, monkeypatch):
+@pytest.mark.parametrize("feature_weight", [0.0, 0.5])
+def test_resume_equals_uninterrupted(tiny_tree, tmp_path, monkeypatch, feature_weight):
+    tiny_tree["features"] = {"weight": feature_weight, "probe_every": 1}  # 0.5: projectors are resumed too
     tiny_tree["train"].update(steps=6, checkpoint_every=3)
     full, cut = copy.deepcopy(tiny_tree), copy.deepcopy(tiny_tree)
     full["out_dir"], cut["out_dir"] = str(tmp_path / "full"), str(tmp_path / "cut")
@@ -109,6 +112,14 @@ def test_resume_equals_uninterrupted(tiny_tree, tmp_path, monkeypatch):
     wf, wc = _weights(full["out_dir"]), _weights(cut["out_dir"])
     for k in wf:
         torch.testing.assert_close(wc[k], wf[k], atol=1e-6, rtol=0)
+    af, ac = ([json.loads(x) for x in (Path(d) / "alignment.jsonl").read_text().splitlines()] for d in (full["out_dir"], cut["out_dir"]))
+    assert [r["step"] for r in ac] == [r["step"] for r in af] == list(range(7))  # stale records trimmed
+    assert [r["cka_mean"] for r in ac] == pytest.approx([r["cka_mean"] for r in af], abs=1e-6)
+    if feature_weight:
+        pf, pc = (load_file(str(Path(d) / "projectors" / "projectors.safetensors")) for d in (full["out_dir"], cut["out_dir"]))
+        for k in pf:
+            torch.testing.assert_close(pc[k], pf[k], atol=1e-6, rtol=0)
+        assert [m["feature"] for m in mc] == pytest.approx([m["feature"] for m in mf], abs=1e-6, rel=0)
 
 
 def test_existing_run_is_not_overwritten(tiny_tree):
@@ -181,6 +192,7 @@ def test_two_processes_match_one(tiny_tree, tmp_path, feature_weight):
     for x, y in zip(m1, m2):
         assert y["valid_tokens"] == x["valid_tokens"]
         assert y["loss"] == pytest.approx(x["loss"], abs=1e-5, rel=0)
+        assert y.get("feature") == pytest.approx(x.get("feature"), abs=1e-5, rel=0)
     w1, w2 = _weights(one["out_dir"]), _weights(two["out_dir"])
     for k in w1:
         torch.testing.assert_close(w2[k], w1[k], atol=1e-5, rtol=0)
