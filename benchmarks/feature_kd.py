@@ -104,7 +104,7 @@ def run_builtin(args, work: Path) -> dict:
     from distill.demo import cached_teacher
     from distill.runner import run_training
 
-    teacher, _ = cached_teacher(Console(stderr=True))
+    teacher = Path(args.teacher) if args.teacher else cached_teacher(Console(stderr=True))[0]
     teacher_eval = json.loads((teacher / "eval.json").read_text())
     print(f"teacher {teacher}: accuracy {teacher_eval['accuracy']:.3f}")
     print("\n| beta | seed | accuracy | CKA raw, step 0 | CKA raw, end | CKA projected, end | feature term, end |")
@@ -195,6 +195,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8, help="smollm2 rows per step")
     parser.add_argument("--work", default="/tmp/distill-feature-bench")
     parser.add_argument("--reuse", action="store_true", help="read finished runs in --work back instead of retraining")
+    parser.add_argument("--teacher", help="builtin: this teacher run directory instead of the demo's cached one")
     args = parser.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)

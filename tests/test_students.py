@@ -158,3 +158,18 @@ def test_existing_out_is_refused(teacher_dir, tmp_path):
     (tmp_path / "s").mkdir()
     with pytest.raises(DistillError, match="already exists"):
         make_student(str(teacher_dir), tmp_path / "s", layers=2)
+
+
+def test_layer_drop_of_a_gemma3_style_model_with_two_attention_kinds():
+    cfg = {"model_type": "gemma3_text", "hidden_size": 32, "num_hidden_layers": 6, "num_attention_heads": 2,
+           "num_key_value_heads": 1, "head_dim": 16, "intermediate_size": 64, "vocab_size": 100,
+           "sliding_window": 4, "sliding_window_pattern": 3}  # fmt: skip
+    torch.manual_seed(0)
+    teacher = load_causal_lm(config=cfg)
+    ids = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(layer_drop_student(teacher, list(range(6)))(ids).logits, teacher(ids).logits)
+        student = layer_drop_student(teacher, [2, 4, 5])
+        assert student.config.layer_types == ["full_attention", "sliding_attention", "full_attention"]
+        kwargs = {"max_new_tokens": 10, "do_sample": False, "pad_token_id": 0}
+        assert torch.equal(student.generate(ids[:, :5], use_cache=True, **kwargs), student.generate(ids[:, :5], use_cache=False, **kwargs))
