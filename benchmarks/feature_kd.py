@@ -93,6 +93,29 @@ def done(out: Path, reuse: bool, needs: str) -> bool:
     return False
 
 
+def run_variants(args, work: Path, prefix: str, suffix: str, needs: str, train_one, quality) -> dict:
+    """Every (beta, seed): train it (unless --reuse finds it done), measure it, print a row.
+
+    train_one(out, seed, beta) trains into `out`; quality(out) -> (values, table cells).
+    Returns the rows by beta.
+    """
+    results = {}
+    for weight in args.weights:
+        for seed in args.seeds:
+            out = work / f"{prefix}-b{weight}{suffix}-s{seed}"
+            if not done(out, args.reuse, needs):
+                train_one(out, seed, weight)
+            values, cells = quality(out)
+            metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+            row = {**values, **cka_from_latents(out), "feature": metrics[-1].get("feature")}
+            results.setdefault(weight, []).append(row)
+            proj = "-" if row["cka_projected"] is None else f"{row['cka_projected']:.4f}"
+            feat = "-" if row["feature"] is None else f"{row['feature']:.4f}"
+            print(f"| {weight} | {seed} | {cells[0]} | {row['cka0']:.4f} | {row['cka']:.4f} | {proj} | {feat} |"
+                  + "".join(f" {c} |" for c in cells[1:]), flush=True)  # fmt: skip
+    return results
+
+
 def stat(xs: list[float]) -> str:
     return f"{statistics.mean(xs):.4f} ± {statistics.stdev(xs):.4f}" if len(xs) > 1 else f"{xs[0]:.4f}"
 
@@ -109,20 +132,15 @@ def run_builtin(args, work: Path) -> dict:
     print(f"teacher {teacher}: accuracy {teacher_eval['accuracy']:.3f}")
     print("\n| beta | seed | accuracy | CKA raw, step 0 | CKA raw, end | CKA projected, end | feature term, end |")
     print("|---|---|---|---|---|---|---|")
-    results = {}
-    for weight in args.weights:
-        for seed in args.seeds:
-            out = work / f"builtin-b{weight}-s{seed}"
-            if not done(out, args.reuse, "eval.json"):
-                run_training(build_config(builtin_tree(teacher, out, seed, weight, args.loss, args.steps)), show_progress=False)
-            metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-            accuracy = json.loads((out / "eval.json").read_text())["accuracy"]
-            row = {"accuracy": accuracy, **cka_from_latents(out), "feature": metrics[-1].get("feature")}
-            results.setdefault(weight, []).append(row)
-            proj = "-" if row["cka_projected"] is None else f"{row['cka_projected']:.4f}"
-            feat = "-" if row["feature"] is None else f"{row['feature']:.4f}"
-            print(f"| {weight} | {seed} | {row['accuracy']:.3f} | {row['cka0']:.4f} | {row['cka']:.4f} | {proj} | {feat} |", flush=True)
-    return results
+
+    def train_one(out: Path, seed: int, weight: float) -> None:
+        run_training(build_config(builtin_tree(teacher, out, seed, weight, args.loss, args.steps)), show_progress=False)
+
+    def quality(out: Path) -> tuple[dict, list[str]]:
+        accuracy = json.loads((out / "eval.json").read_text())["accuracy"]
+        return {"accuracy": accuracy}, [f"{accuracy:.3f}"]
+
+    return run_variants(args, work, "builtin", "", "eval.json", train_one, quality)
 
 
 def run_smollm2(args, work: Path) -> dict:
@@ -152,24 +170,18 @@ def run_smollm2(args, work: Path) -> dict:
           f"layer map {args.layer_map}")  # fmt: skip
     print("\n| beta | seed | held-out KL | CKA raw, step 0 | CKA raw, end | CKA projected, end | feature term, end | wall s |")
     print("|---|---|---|---|---|---|---|---|")
-    results = {}
-    for weight in args.weights:
-        for seed in args.seeds:
-            out = work / f"smol-b{weight}{'' if args.layer_map == 'uniform' else '-' + args.layer_map}-s{seed}"
-            if not done(out, args.reuse, "train_summary.json"):
-                tree = smol_tree(student_dir, train_path, held_path, out, seed, weight, args)
-                train(build_config(tree), show_progress=False)
-            summary = json.loads((out / "train_summary.json").read_text())
-            student, _ = load_student(out)
-            kl = heldout_kl(student.eval(), teacher_lp, held, tok.pad_token_id, vocab)
-            metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-            row = {"kl": kl, **cka_from_latents(out), "feature": metrics[-1].get("feature")}
-            results.setdefault(weight, []).append(row)
-            proj = "-" if row["cka_projected"] is None else f"{row['cka_projected']:.4f}"
-            feat = "-" if row["feature"] is None else f"{row['feature']:.4f}"
-            print(f"| {weight} | {seed} | {kl:.4f} | {row['cka0']:.4f} | {row['cka']:.4f} | {proj} | {feat} | "
-                  f"{summary['wall_s']:.0f} |", flush=True)  # fmt: skip
-    return results
+
+    def train_one(out: Path, seed: int, weight: float) -> None:
+        train(build_config(smol_tree(student_dir, train_path, held_path, out, seed, weight, args)), show_progress=False)
+
+    def quality(out: Path) -> tuple[dict, list[str]]:
+        student, _ = load_student(out)
+        kl = heldout_kl(student.eval(), teacher_lp, held, tok.pad_token_id, vocab)
+        wall = json.loads((out / "train_summary.json").read_text())["wall_s"]
+        return {"kl": kl}, [f"{kl:.4f}", f"{wall:.0f}"]
+
+    suffix = "" if args.layer_map == "uniform" else f"-{args.layer_map}"
+    return run_variants(args, work, "smol", suffix, "train_summary.json", train_one, quality)
 
 
 def summarise(results: dict, metric: str) -> None:

@@ -25,5 +25,18 @@ def atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
+def read_json(path: Path, what: str):
+    """Parse a JSON file; a missing or malformed one is a DistillError naming it (and the line)."""
+    from distill.errors import DistillError
+
+    path = Path(path)
+    if not path.is_file():
+        raise DistillError(f"{what} not found: {path}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise DistillError(f"{path}:{e.lineno}: {what} is not valid JSON ({e.msg})") from None
+
+
 def atomic_write_json(path: Path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")

@@ -21,6 +21,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from distill.errors import DistillError
 from distill.models import count_parameters
+from distill.paths import read_json
 
 
 def decoder_layers(model) -> tuple[str, nn.ModuleList]:
@@ -146,13 +147,7 @@ def resized_config(
 
 def config_from_file(path: str | Path, vocab_size: int, tokenizer) -> object:
     """A transformers config from a JSON file with `model_type` (another family)."""
-    path = Path(path)
-    if not path.is_file():
-        raise DistillError(f"student config not found: {path}")
-    try:
-        tree = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise DistillError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    tree = read_json(path, "student config")
     if not isinstance(tree, dict) or "model_type" not in tree:
         raise DistillError(f"{path}: a student config needs a 'model_type'")
     tree = dict(tree)

@@ -37,7 +37,7 @@ from safetensors.torch import load_file, save
 from distill.data import Example, collate
 from distill.errors import DistillError
 from distill.losses import IGNORE_INDEX
-from distill.paths import atomic_write_json
+from distill.paths import atomic_write_json, read_json
 
 FORMAT = 1
 LOGPROB_DTYPES = {"float16": torch.float16, "float32": torch.float32}
@@ -174,10 +174,7 @@ def read_manifest(path: Path) -> dict:
     manifest_path = Path(path) / "manifest.json"
     if not manifest_path.exists():
         raise DistillError(f"{path}: not a teacher cache (no manifest.json); write one with `distill cache`")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except json.JSONDecodeError as e:
-        raise DistillError(f"{manifest_path}:{e.lineno}: malformed manifest ({e.msg})") from None
+    manifest = read_json(manifest_path, "teacher cache manifest")
     if manifest.get("format") != FORMAT:
         raise DistillError(f"{manifest_path}: cache format {manifest.get('format')!r}, this distill reads {FORMAT}")
     return manifest
