@@ -177,6 +177,28 @@ class FeatureConfig(Section):
     """Also run the probe every N steps (it always runs at step 0 and at each checkpoint)."""
 
 
+class OnPolicyConfig(Section):
+    """On-policy distillation (GKD, Agarwal et al. 2024): at each optimizer step, with
+    probability lmbda, the completions of the step's prompts are sampled from the student
+    itself and the teacher scores them; otherwise they come from the dataset."""
+
+    lmbda: float = Field(0.0, ge=0.0, le=1.0)
+    """Probability that an optimizer step trains on student samples (one draw per step from
+    (train.seed, step): the same on every process). 0: off-policy only; 1: always on-policy.
+    With lmbda > 0 the divergence defaults to jsd (objective.jsd_beta) unless set."""
+    max_new_tokens: int = Field(64, ge=1)
+    """Most tokens sampled per completion (a sample stops at EOS)."""
+    temperature: float = Field(1.0, ge=0.0)
+    """Sampling temperature of the rollouts (0: greedy). Not the loss temperature, which is
+    objective.temperature."""
+    top_k: int = Field(0, ge=0)
+    """Sample among the k most likely tokens only; 0: no top-k filter."""
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    """Nucleus sampling: the smallest set of tokens with this much mass; 1: no filter."""
+    rollout_batch_size: int | None = Field(None, ge=1)
+    """Prompts sampled at once; null: all of this process's prompts of the step together."""
+
+
 class EvalConfig(Section):
     max_new_tokens: int = 48
     """Tokens generated per held-out prompt (greedy)."""
@@ -195,6 +217,8 @@ class RunConfig(Section):
     features: FeatureConfig = FeatureConfig()
     """Hidden-state alignment (feature term, projectors) and the CKA probe."""
     eval: EvalConfig = EvalConfig()
+    on_policy: OnPolicyConfig = OnPolicyConfig()
+    """Student-sampled completions scored by the teacher (GKD); off unless lmbda > 0."""
     teacher_cache: str | None = None
     """A directory written by `distill cache` for this data and temperature: the KD term then
     uses the cached top-k teacher distribution (sparse divergence) and no teacher model is
@@ -210,6 +234,13 @@ class RunConfig(Section):
             raise ValueError("features.weight > 0 aligns hidden states with a teacher, but 'teacher' is not set")
         if self.features.weight > 0 and self.teacher_cache is not None:
             raise ValueError("features.weight > 0 needs the live teacher's hidden states; a teacher_cache holds logits only")
+        if self.on_policy.lmbda > 0:
+            if self.teacher is None or self.objective.alpha == 0:
+                raise ValueError("on_policy.lmbda > 0 needs a live 'teacher' and objective.alpha > 0 to score the samples")
+            if self.teacher_cache is not None:
+                raise ValueError("on_policy.lmbda > 0 scores new student samples; a teacher_cache only covers the dataset")
+            if "divergence" not in self.objective.model_fields_set:
+                self.objective.divergence = "jsd"  # GKD's default
         return self
 
 

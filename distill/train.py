@@ -32,6 +32,7 @@ from distill.features import (
     num_layers,
 )
 from distill.models import count_parameters
+from distill.on_policy import check_prompts, is_on_policy_step, sample_examples
 from distill.objective import (
     combine,
     fused_sparse_term_sums,
@@ -116,40 +117,59 @@ def export_student(acc: Accelerator, model, tokenizer, run_dir: Path) -> None:
     acc.wait_for_everyone()
 
 
+def teacher_outputs(teacher, batch, use_fused: bool, cfg: RunConfig):
+    """The teacher's forward on a micro-batch (no grad): hidden states where the fused loss or
+    the feature term needs them; logits unless only hidden states are needed."""
+    if teacher is None:
+        return None
+    states = use_fused or cfg.features.weight > 0
+    only_states = use_fused or cfg.objective.alpha == 0
+    with torch.no_grad():
+        return teacher(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            output_hidden_states=states,
+            **({"logits_to_keep": 1} if only_states else {}),  # skips the (B, T, V) logits
+        )
+
+
+def timer(acc: Accelerator, since: float) -> float:
+    """Seconds since `since`, after the device has finished its queued work."""
+    if acc.device.type == "cuda":
+        torch.cuda.synchronize(acc.device)
+    return time.perf_counter() - since
+
+
 def micro_batch_objective(
-    student, teacher, batch, use_fused: bool, s_head, t_head, vocab: int, cfg: RunConfig, projectors=None, pairs=None
+    student, t_out, batch, use_fused: bool, s_head, t_head, vocab: int, cfg: RunConfig, weights, projectors=None, pairs=None
 ):
-    """(weighted loss sum, {term: sum}) of one micro-batch; sums over its valid tokens."""
+    """(weighted loss sum, {term: sum}) of one micro-batch; sums over its valid tokens.
+    t_out: `teacher_outputs` of the batch (None without a live teacher); weights: the
+    (task CE, KD) term weights."""
     obj = cfg.objective
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     params = obj.divergence_params()
     cached = (batch["teacher_ids"], batch["teacher_logprobs"], batch["teacher_rest"]) if "teacher_ids" in batch else None
     states = use_fused or projectors is not None  # hidden states are needed
-    # logits_to_keep=1: the model skips its own (B, T, V) logits (the fused path, or a
-    # teacher that only gives hidden states).
+    # logits_to_keep=1: the model skips its own (B, T, V) logits on the fused path.
     s_out = student(**inputs, output_hidden_states=states, **({"logits_to_keep": 1} if use_fused else {}))
-    t_out = None
-    if teacher is not None:
-        with torch.no_grad():
-            only_states = use_fused or obj.alpha == 0
-            t_out = teacher(**inputs, output_hidden_states=states, **({"logits_to_keep": 1} if only_states else {}))
     if use_fused and cached is not None:  # a cached top-k teacher, fused with the student's lm_head
         loss, terms = fused_sparse_term_sums(
-            s_out.hidden_states[-1], s_head, batch["labels"], *cached, vocab, *obj.term_weights(), obj.temperature,
+            s_out.hidden_states[-1], s_head, batch["labels"], *cached, vocab, *weights, obj.temperature,
             obj.divergence, params, obj.chunk_size,
         )
     elif use_fused:
         loss, terms = fused_term_sums(
             s_out.hidden_states[-1], s_head, t_out.hidden_states[-1], t_head, batch["labels"], vocab,
-            *obj.term_weights(), obj.temperature, obj.divergence, params, obj.chunk_size,
+            *weights, obj.temperature, obj.divergence, params, obj.chunk_size,
         )
     elif cached is not None:  # a cached top-k teacher: no teacher model at all
         terms = sparse_term_sums(s_out.logits, batch["labels"], *cached, vocab, obj.temperature, obj.divergence, params)
-        loss = combine(terms, *obj.term_weights())
+        loss = combine(terms, *weights)
     else:
         teacher_logits = t_out.logits if t_out is not None and obj.alpha > 0 else None  # (B, T, V)
         terms = term_sums(s_out.logits, batch["labels"], teacher_logits, vocab, obj.temperature, obj.divergence, params)
-        loss = combine(terms, *obj.term_weights())
+        loss = combine(terms, *weights)
     if projectors is not None:
         mask = torch.zeros_like(batch["attention_mask"], dtype=torch.bool)
         mask[:, :-1] = batch["labels"][:, 1:] != IGNORE_INDEX  # the positions the other terms count
@@ -182,6 +202,8 @@ def train(cfg: RunConfig, resume: bool = False, show_progress: bool = True) -> d
     acc = Accelerator(cpu=cpu, mixed_precision="bf16" if cfg.train.precision == "bf16" else "no")
     if cfg.features.weight > 0 and acc.distributed_type == DistributedType.FSDP:
         raise DistillError("features.weight > 0 runs on one process or DDP; FSDP does not shard the projectors yet")
+    if cfg.on_policy.lmbda > 0 and acc.distributed_type == DistributedType.FSDP:
+        raise DistillError("on_policy.lmbda > 0 runs on one process or DDP; rollouts from FSDP shards are not built yet")
     set_seed(cfg.train.seed)
     student, teacher, tokenizer, vocab = build_models(cfg)
     pairs = None  # the layer pairs of the feature term and of the CKA probe; a bad map stops here
@@ -191,6 +213,8 @@ def train(cfg: RunConfig, resume: bool = False, show_progress: bool = True) -> d
     torch.manual_seed(cfg.train.seed + 2)  # projector init, apart from the models' seeds
     projectors = build_projectors(cfg.features, pairs, student, teacher)
     examples = build_examples(cfg.data, tokenizer)
+    if cfg.on_policy.lmbda > 0:
+        check_prompts(examples, cfg.on_policy.max_new_tokens, cfg.data.max_length)
     cache = build_teacher_cache(cfg, tokenizer, examples, output_size(student))
     check_run_dir(run_dir, resume)
     if acc.is_main_process:
@@ -249,12 +273,32 @@ def train(cfg: RunConfig, resume: bool = False, show_progress: bool = True) -> d
     for step in range(start, t.steps):
         t0 = time.perf_counter()
         indices = global_batch_indices(step, len(examples), global_batch, t.seed)
+        mbs = micro_batches(indices, rank, world, t.micro_batch_size)
+        on_policy = is_on_policy_step(t.seed, step, cfg.on_policy.lmbda)
+        record = {"on_policy": on_policy} if cfg.on_policy.lmbda > 0 else {}
+        source = examples
+        if on_policy:  # one rollout for all of this process's micro-batches, current weights
+            mine = [i for mb in mbs for i in mb]
+            with acc.autocast():
+                sampled, done = sample_examples(
+                    acc.unwrap_model(student), examples, mine, cfg.on_policy, tokenizer.eos_token_id,
+                    tokenizer.pad_token_id, t.seed, step,
+                )
+            source = dict(zip(mine, sampled))
+            generated = acc.reduce(torch.tensor([done.generated_tokens, sum(done.ended)], device=acc.device), "sum")
+            record.update(
+                policy_step=step, rollout_s=timer(acc, t0), generated_tokens=generated[0].item(),
+                eos_rate=generated[1].item() / global_batch,
+            )
         batches = []
-        for mb in micro_batches(indices, rank, world, t.micro_batch_size):
-            batch = collate([examples[i] for i in mb], tokenizer.pad_token_id)
+        for mb in mbs:
+            batch = collate([source[i] for i in mb], tokenizer.pad_token_id)
             if cache is not None:
                 batch = cache.attach(batch, mb)
             batches.append({k: v.to(acc.device) for k, v in batch.items()})
+        # On student samples the task CE is left out: it would teach the student its own samples.
+        weights = (0.0, cfg.objective.term_weights()[1]) if on_policy else cfg.objective.term_weights()
+        teacher_s = 0.0
         local_valid = sum((b["labels"][:, 1:] != IGNORE_INDEX).sum() for b in batches)
         n_valid = acc.reduce(torch.as_tensor(local_valid, device=acc.device, dtype=torch.float64), "sum").item()
         sums: dict[str, torch.Tensor] = {}
@@ -264,9 +308,14 @@ def train(cfg: RunConfig, resume: bool = False, show_progress: bool = True) -> d
                 for model in synced if not last else []:
                     stack.enter_context(acc.no_sync(model))
                 with acc.autocast():
+                    t1 = time.perf_counter()
+                    t_out = teacher_outputs(teacher, batch, use_fused, cfg)
+                    teacher_s += timer(acc, t1)
                     loss, terms = micro_batch_objective(
-                        student, teacher, batch, use_fused, s_head, t_head, vocab, cfg, projectors, pairs
+                        student, t_out, batch, use_fused, s_head, t_head, vocab, cfg, weights, projectors, pairs
                     )
+                if on_policy:
+                    terms.pop("task_ce")  # the student's likelihood of its own samples: not a task loss
                 # DDP averages gradients over processes; scaling by world size turns that
                 # average back into the global sum / global valid-token count.
                 acc.backward(loss * world / max(n_valid, 1.0))
@@ -274,7 +323,7 @@ def train(cfg: RunConfig, resume: bool = False, show_progress: bool = True) -> d
                 sums[k] = sums.get(k, 0.0) + v.detach().double()
         names = sorted(sums)
         totals = acc.reduce(torch.stack([sums[k] for k in names]), "sum") / max(n_valid, 1.0)
-        record = dict(zip(names, totals.tolist()))
+        record.update(zip(names, totals.tolist()))
         if not math.isfinite(record["loss"]):
             optimizer.zero_grad(set_to_none=True)
             where = f"last good checkpoint: {last_ckpt}" if last_ckpt else "no checkpoint was saved yet"
@@ -293,6 +342,7 @@ def train(cfg: RunConfig, resume: bool = False, show_progress: bool = True) -> d
         tokens_seen += step_tokens
         dt = time.perf_counter() - t0
         record.update(step=step + 1, lr=lr, grad_norm=grad_norm, valid_tokens=n_valid, tokens_per_s=step_tokens / dt)
+        record.update(step_s=dt, **({"teacher_s": teacher_s} if teacher is not None else {}))
         if acc.is_main_process:
             with open(run_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")

@@ -1,0 +1,171 @@
+"""Student rollouts for on-policy distillation: batched sampling with a KV cache.
+
+The pieces are small functions over tensors (`prefill`, `decode_step`, `next_tokens`), so
+a caller can hand the decode step to torch.compile; `rollout` strings them together:
+
+    prompts (token ids) -> left-padded batch -> prefill (one forward over the prompts,
+    filling the cache) -> decode steps (one new token per row and step) until every row
+    has written EOS or max_new_tokens -> completions (ids up to and including EOS)
+
+Left padding keeps every row's last prompt token in the last column, so one decode step
+appends to all rows at once; positions count real tokens only (attention_mask.cumsum - 1),
+so a padded row computes exactly what it would alone.
+
+Sampling is reproducible: each row draws its uniforms from its own generator, seeded by
+the caller (the training loop seeds it by run seed, step and example index), so a row's
+sample does not depend on which rows share its batch.
+"""
+
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How completions are drawn."""
+
+    max_new_tokens: int
+    temperature: float = 1.0  # 0: greedy
+    top_k: int = 0  # 0: no top-k filter
+    top_p: float = 1.0  # 1: no nucleus filter
+
+
+@dataclass
+class Rollout:
+    """What a rollout produced, per row: completion ids (EOS included when written) and
+    whether it ended with EOS."""
+
+    completions: list[list[int]]
+    ended: list[bool]
+
+    @property
+    def generated_tokens(self) -> int:
+        return sum(len(c) for c in self.completions)
+
+
+def left_pad(prompts: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask), both (B, P): prompts right-aligned, pad on the left."""
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("a rollout prompt is empty: sampling needs at least one prompt token")
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p) :] = torch.tensor(p)
+        mask[i, width - len(p) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+def positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that count real tokens only: (B, T) -> (B, T), 0 at each row's first token."""
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache) -> torch.Tensor:
+    """Run the prompts through the model, filling `cache`. Returns next-token logits (B, V)."""
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=positions(attention_mask),
+        cache=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    return out.logits[:, -1]
+
+
+def decode_step(model, tokens: torch.Tensor, attention_mask: torch.Tensor, cache) -> torch.Tensor:
+    """Append one token per row (tokens: (B,); attention_mask: (B, T) including it) and
+    return the next-token logits (B, V)."""
+    out = model(
+        input_ids=tokens[:, None],
+        attention_mask=attention_mask,
+        position_ids=attention_mask.sum(-1, keepdim=True) - 1,
+        cache=cache,
+        use_cache=True,
+    )
+    return out.logits[:, -1]
+
+
+def full_forward_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Next-token logits (B, V) from a forward over the whole sequence, no cache: the
+    reference the cached path is tested against."""
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions(attention_mask), use_cache=False)
+    return out.logits[:, -1]
+
+
+def next_tokens(logits: torch.Tensor, uniforms: torch.Tensor | None, sampling: Sampling) -> torch.Tensor:
+    """One token per row from logits (B, V): argmax at temperature 0, otherwise the inverse
+    CDF at `uniforms` (B,) of softmax(logits / temperature) after top-k and top-p filtering."""
+    if sampling.temperature == 0:
+        return logits.argmax(-1)
+    logits = logits.float() / sampling.temperature
+    if sampling.top_k or sampling.top_p < 1.0:
+        k = min(sampling.top_k or logits.shape[-1], logits.shape[-1])
+        values, ids = logits.topk(k, dim=-1)  # sorted, largest first
+        probs = values.softmax(-1)
+        if sampling.top_p < 1.0:
+            before = probs.cumsum(-1) - probs  # mass of the strictly more likely tokens
+            probs = probs.masked_fill(before >= sampling.top_p, 0.0)  # keeps the top token
+    else:
+        ids, probs = None, logits.softmax(-1)
+    cdf = probs.cumsum(-1)
+    pick = torch.searchsorted(cdf, (uniforms.to(cdf) * cdf[:, -1]).unsqueeze(-1)).clamp(max=cdf.shape[-1] - 1)
+    return pick.squeeze(-1) if ids is None else ids.gather(-1, pick).squeeze(-1)
+
+
+def row_generators(seeds: list[int]) -> list[torch.Generator]:
+    return [torch.Generator().manual_seed(s % (2**63)) for s in seeds]
+
+
+def draw_uniforms(generators: list[torch.Generator]) -> torch.Tensor:
+    return torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in generators])
+
+
+@torch.no_grad()
+def rollout(
+    model,
+    prompts: list[list[int]],
+    sampling: Sampling,
+    eos_id: int,
+    pad_id: int,
+    seeds: list[int] | None = None,
+    use_cache: bool = True,
+) -> Rollout:
+    """Sample a completion for each prompt (token ids) from `model`.
+
+    Args:
+        seeds: one per prompt (required unless greedy): row i's draws come from its own
+            generator, so its sample depends on its seed, prompt and the weights only.
+        use_cache: False recomputes the whole sequence at each step (the slow reference).
+    """
+    if sampling.temperature > 0 and (seeds is None or len(seeds) != len(prompts)):
+        raise ValueError("sampling at temperature > 0 needs one seed per prompt")
+    device = next(model.parameters()).device
+    ids, mask = left_pad(prompts, pad_id, device)
+    generators = row_generators(seeds) if sampling.temperature > 0 else None
+    cache = DynamicCache(config=model.config) if use_cache else None
+    logits = prefill(model, ids, mask, cache) if use_cache else full_forward_logits(model, ids, mask)
+    B = len(prompts)
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    steps = []
+    for step in range(sampling.max_new_tokens):
+        uniforms = draw_uniforms(generators) if generators is not None else None
+        was_done = finished
+        token = next_tokens(logits, uniforms, sampling).masked_fill(was_done, pad_id)  # a finished row pads
+        steps.append(token)
+        finished = was_done | (token == eos_id)
+        if step == sampling.max_new_tokens - 1 or bool(finished.all()):
+            break
+        mask = torch.cat([mask, (~was_done).long()[:, None]], dim=1)  # EOS is attended, pads are not
+        ids = torch.cat([ids, token[:, None]], dim=1)
+        logits = decode_step(model, token, mask, cache) if use_cache else full_forward_logits(model, ids, mask)
+    generated = torch.stack(steps, dim=1).tolist()  # (B, N)
+    completions, ended = [], []
+    for row in generated:
+        end = row.index(eos_id) + 1 if eos_id in row else len(row)
+        completions.append(row[:end])
+        ended.append(eos_id in row)
+    return Rollout(completions, ended)
