@@ -188,6 +188,8 @@ class OnPolicyConfig(Section):
     With lmbda > 0 the divergence defaults to jsd (objective.jsd_beta) unless set."""
     max_new_tokens: int = Field(64, ge=1)
     """Most tokens sampled per completion (a sample stops at EOS)."""
+    min_new_tokens: int = Field(0, ge=0)
+    """EOS cannot be sampled before this many tokens (benchmarks force full-length samples)."""
     temperature: float = Field(1.0, ge=0.0)
     """Sampling temperature of the rollouts (0: greedy). Not the loss temperature, which is
     objective.temperature."""

@@ -8,6 +8,7 @@ import torch
 from distill.data import Row, collate, tokenize_rows
 from distill.losses import IGNORE_INDEX, cross_entropy
 from distill.objective import next_token_targets
+from distill.rollout import Sampling, rollout
 from distill.tasks.chain import grade
 
 
@@ -33,6 +34,21 @@ def generate_greedy(model, tokenizer, prompts: list[str], max_new_tokens: int, b
             out += tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
     finally:
         tokenizer.padding_side = side
+    return out
+
+
+@torch.no_grad()
+def generate_sampled(model, tokenizer, prompts: list[str], sampling: Sampling, seed: int, batch_size: int) -> list[str]:
+    """Sampled completions (`distill.rollout`, KV cache), prompt i drawn with seed (seed, i):
+    reproducible, and independent of the batch size."""
+    model.eval()
+    ids = tokenizer(prompts, add_special_tokens=False).input_ids
+    out = []
+    for i in range(0, len(ids), batch_size):
+        chunk = ids[i : i + batch_size]
+        seeds = [seed * 1_000_003 + i + j for j in range(len(chunk))]
+        done = rollout(model, chunk, sampling, tokenizer.eos_token_id, tokenizer.pad_token_id, seeds)
+        out += tokenizer.batch_decode(done.completions, skip_special_tokens=True)
     return out
 
 

@@ -20,7 +20,7 @@ from distill.rollout import Rollout, Sampling, rollout
 
 
 def sampling_of(cfg: OnPolicyConfig) -> Sampling:
-    return Sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p)
+    return Sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, cfg.min_new_tokens)
 
 
 def is_on_policy_step(seed: int, step: int, lmbda: float) -> bool:

@@ -30,6 +30,7 @@ class Sampling:
     temperature: float = 1.0  # 0: greedy
     top_k: int = 0  # 0: no top-k filter
     top_p: float = 1.0  # 1: no nucleus filter
+    min_new_tokens: int = 0  # EOS is not sampled before this many tokens
 
 
 @dataclass
@@ -153,6 +154,9 @@ def rollout(
     steps = []
     for step in range(sampling.max_new_tokens):
         uniforms = draw_uniforms(generators) if generators is not None else None
+        if step < sampling.min_new_tokens:
+            logits = logits.clone()
+            logits[:, eos_id] = float("-inf")
         was_done = finished
         token = next_tokens(logits, uniforms, sampling).masked_fill(was_done, pad_id)  # a finished row pads
         steps.append(token)

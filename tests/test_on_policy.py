@@ -185,6 +185,6 @@ def test_prompts_must_fit_and_exist(tiny_tree, tmp_path):
 
 
 def test_sampling_settings_reach_the_rollout():
-    cfg = OnPolicyConfig(lmbda=1.0, max_new_tokens=7, temperature=0.3, top_k=5, top_p=0.8)
+    cfg = OnPolicyConfig(lmbda=1.0, max_new_tokens=7, temperature=0.3, top_k=5, top_p=0.8, min_new_tokens=2)
     s = on_policy_mod.sampling_of(cfg)
-    assert (s.max_new_tokens, s.temperature, s.top_k, s.top_p) == (7, 0.3, 5, 0.8)
+    assert (s.max_new_tokens, s.temperature, s.top_k, s.top_p, s.min_new_tokens) == (7, 0.3, 5, 0.8, 2)

@@ -64,6 +64,7 @@ def test_completions_stop_at_eos_and_keep_it(model):
         model.lm_head.weight[EOS] = model.lm_head.weight[7] * 3  # EOS wherever 7 would win
     try:
         out = rollout(model, PROMPTS, Sampling(30, temperature=0), EOS, PAD)
+        forced = rollout(model, PROMPTS, Sampling(30, temperature=0, min_new_tokens=30), EOS, PAD)
     finally:
         with torch.no_grad():
             model.lm_head.weight[EOS] = saved
@@ -74,6 +75,8 @@ def test_completions_stop_at_eos_and_keep_it(model):
         else:
             assert len(completion) == 30
     assert out.generated_tokens == sum(len(c) for c in out.completions)
+    assert any(out.ended)
+    assert all(len(c) == 30 and EOS not in c for c in forced.completions)
 
 
 def test_sampling_needs_seeds_and_prompts(model):
@@ -119,3 +122,22 @@ def test_decode_step_compiles(model):
         mask = torch.cat([mask, torch.ones(len(PROMPTS), 1, dtype=torch.long)], dim=1)
         step = torch.compile(decode_step, backend="aot_eager")
         torch.testing.assert_close(step(model, token, mask, compiled_cache), decode_step(model, token, mask, eager_cache))
+
+
+def test_sampled_generations_do_not_depend_on_the_batch_size():
+    from distill.evaluate import generate_greedy, generate_sampled
+    from distill.tasks.tokenizer import chain_tokenizer
+
+    tok = chain_tokenizer()
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=64, max_position_embeddings=128, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+    )
+    model = AutoModelForCausalLM.from_config(cfg).double()
+    prompts = ["Q:1+2*3=", "Q:4-5=", "Q:7*7+1-2="]
+    sampling = Sampling(12, temperature=1.0)
+    assert generate_sampled(model, tok, prompts, sampling, 3, 3) == generate_sampled(model, tok, prompts, sampling, 3, 2)
+    assert generate_sampled(model, tok, prompts, sampling, 3, 3) != generate_sampled(model, tok, prompts, sampling, 4, 3)
+    greedy = generate_sampled(model, tok, prompts, Sampling(12, temperature=0), 0, 2)
+    assert greedy == generate_greedy(model, tok, prompts, 12, 3)

@@ -1,0 +1,237 @@
+"""Throughput of one on-policy distillation step (rollout + teacher scoring + student
+update): distill vs TRL's GKDTrainer and DistillationTrainer, same models, data, settings.
+
+    python benchmarks/on_policy.py --trl-python /work/benchenv/bin/python       # CPU
+    python benchmarks/on_policy.py --gpu --trl-python ...                        # CUDA
+
+CPU: teacher SmolLM2-135M-Instruct (packaged, fp32, 30 layers), student of a third of its
+layers (`distill student --layers 10`, 64M params), prompts = the first <= 48 tokens of
+paragraphs of CPython's reference prose, batch 4, 64 new tokens forced (EOS masked until
+then), sampling temperature 1, lmbda 1 (every step on-policy), generalized JSD beta 0.5 at
+loss temperature 1, AdamW lr 1e-5.
+GPU (--gpu): random-init models of the Qwen2.5-1.5B (teacher) and Qwen2.5-0.5B (student)
+shapes in bf16 (no weights needed: speed does not depend on their values), a word-level
+tokenizer over all 151936 of Qwen's ids, batch 8, prompts of 200 random ids, 256 new
+tokens forced.
+
+Each trainer runs in its own process (peak RSS is that process's; on CUDA also the peak
+allocated GPU memory), --warmup steps untimed, then --steps timed; the table shows the
+median step. distill's share of the step: rollout, teacher scoring (teacher forwards) and
+update (student forward, loss, backward, optimizer), from its metrics.jsonl.
+TRL lives only in the environment of --trl-python (benchmarks/trl_baseline.py), never in
+distill's dependencies; without --trl-python only distill's rows are printed.
+"""
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).parent
+SMOL = "packaged:smollm2-135m-instruct"
+QWEN_15B = {  # Qwen2.5-1.5B's shape
+    "model_type": "qwen2", "vocab_size": 151936, "hidden_size": 1536, "intermediate_size": 8960,
+    "num_hidden_layers": 28, "num_attention_heads": 12, "num_key_value_heads": 2, "max_position_embeddings": 32768,
+    "rope_theta": 1000000.0, "rms_norm_eps": 1e-6, "tie_word_embeddings": True,
+}
+QWEN_05B = {  # Qwen2.5-0.5B's shape
+    **QWEN_15B, "hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24, "num_attention_heads": 14,
+}
+
+
+def prose_prompts(tokenizer, n: int, prompt_tokens: int) -> list[dict]:
+    """Rows {"prompt", "completion"}: prose cut after prompt_tokens tokens (consecutive
+    paragraphs joined when one is shorter) and the rest of it."""
+    from pydoc_data.topics import topics
+
+    rows, text = [], ""
+    for name in sorted(topics):
+        for para in topics[name].split("\n\n"):
+            para = " ".join(para.split())
+            if len(para) < 80 or para.startswith(("*", "|", ">>>")):
+                continue
+            text = f"{text} {para}".strip()
+            ids = tokenizer(text, add_special_tokens=False).input_ids
+            if len(ids) >= prompt_tokens + 8:
+                rows.append({"prompt": tokenizer.decode(ids[:prompt_tokens]), "completion": tokenizer.decode(ids[prompt_tokens:])})
+                text = ""
+            if len(rows) == n:
+                return rows
+    return rows
+
+
+def prepare(work: Path, n_rows: int, prompt_tokens: int) -> dict:
+    """Student folder, teacher folder (TRL loads it; its tokenizer serves the GPU setting too)
+    and the prompt file; reused when present."""
+    from distill.models import load_causal_lm, load_tokenizer
+    from distill.students import make_student
+
+    student, teacher = work / "student10", work / "teacher"
+    prompts = work / f"prompts-{prompt_tokens}.jsonl"
+    if not (student / "student.json").exists():
+        shutil.rmtree(student, ignore_errors=True)
+        make_student(SMOL, student, layers=10)
+    tok = load_tokenizer(SMOL)
+    if not (teacher / "config.json").exists():
+        load_causal_lm(name=SMOL).save_pretrained(teacher)
+        tok.save_pretrained(teacher)
+    if not prompts.exists():
+        rows = prose_prompts(tok, n_rows, prompt_tokens)
+        prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return {"student": str(student), "teacher": str(teacher), "prompts": str(prompts)}
+
+
+def prepare_gpu(work: Path, n_rows: int, prompt_tokens: int) -> dict:
+    """A word-level tokenizer with all of Qwen2.5's 151936 ids (3 specials, then "t3" .. "t151935"), so the
+    random-init Qwen shapes see their real vocabulary size, and prompts of random ids."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    folder, prompts = work / "qwen-vocab-tokenizer", work / f"prompts-random-{prompt_tokens}.jsonl"
+    if not (folder / "tokenizer.json").exists():
+        specials = ["<unk>", "<eos>", "<pad>"]  # ids 0, 1, 2
+        vocab = {name: i for i, name in enumerate(specials)} | {f"t{i}": i for i in range(3, QWEN_15B["vocab_size"])}
+        core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+        core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+        PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", eos_token="<eos>", pad_token="<pad>").save_pretrained(folder)
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for _ in range(n_rows):
+        ids = torch.randint(3, QWEN_15B["vocab_size"], (prompt_tokens + 8,), generator=g).tolist()
+        rows.append({"prompt": " ".join(f"t{i}" for i in ids[:prompt_tokens]), "completion": " ".join(f"t{i}" for i in ids[prompt_tokens:])})
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return {"tokenizer": str(folder), "prompts": str(prompts)}
+
+
+def ours_tree(args, paths: dict, out: Path) -> dict:
+    steps = args.warmup + args.steps
+    if args.gpu:
+        student = {"config": QWEN_05B, "tokenizer": paths["tokenizer"], "dtype": "bfloat16"}
+        teacher = {"config": QWEN_15B, "tokenizer": paths["tokenizer"], "dtype": "bfloat16"}
+    else:
+        student, teacher = {"name": paths["student"]}, {"name": SMOL}
+    return {
+        "student": student,
+        "teacher": teacher,
+        "data": {"source": paths["prompts"], "max_length": 512},
+        "objective": {"alpha": 1.0, "temperature": 1.0, "divergence": "jsd", "jsd_beta": args.beta},
+        "train": {
+            "steps": steps, "micro_batch_size": args.batch, "lr": 1e-5, "warmup_steps": 0, "seed": 0,
+            "precision": "bf16" if args.gpu or args.bf16 else "fp32",
+        },
+        "on_policy": {
+            "lmbda": 1.0, "max_new_tokens": args.new_tokens, "min_new_tokens": args.new_tokens, "temperature": 1.0,
+        },
+        "features": {"probe_examples": 0},
+        "out_dir": str(out),
+    }
+
+
+def run_ours(tree: dict, gpu: bool, warmup: int) -> dict:
+    """Worker: train for warmup + steps on-policy steps and summarise metrics.jsonl."""
+    from distill.config import build_config
+    from distill.train import train
+
+    shutil.rmtree(tree["out_dir"], ignore_errors=True)
+    train(build_config(tree), show_progress=False)
+    metrics = [json.loads(line) for line in (Path(tree["out_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    timed = metrics[warmup:]
+    med = statistics.median(m["step_s"] for m in timed)
+    share = {k: statistics.median(m[k] for m in timed) for k in ("rollout_s", "teacher_s")}
+    share["update_s"] = statistics.median(m["step_s"] - m["rollout_s"] - m["teacher_s"] for m in timed)
+    return {
+        "trainer": "distill", "s_per_step": med, "samples_per_s": tree["train"]["micro_batch_size"] / med,
+        "gen_tokens_per_step": statistics.median(m["generated_tokens"] for m in timed),
+        "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if gpu else None,
+        "step_times": [m["step_s"] for m in timed], **share,
+    }
+
+
+def run_worker(cmd: list[str], env: dict | None = None) -> dict:
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        return {"error": f"exit {proc.returncode}: {' | '.join(tail)}"}
+    return json.loads(lines[-1][len("RESULT ") :])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--gpu", action="store_true")
+    ap.add_argument("--trl-python", default=None, help="a python with trl installed (benchmark-only)")
+    ap.add_argument("--trl", nargs="*", default=["gkd", "gkd-gc", "distillation-gc"],
+                    help="TRL rows: gkd | gkd-gc | distillation | distillation-gc (-gc: gradient checkpointing)")
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=None)
+    ap.add_argument("--new-tokens", type=int, default=None)
+    ap.add_argument("--beta", type=float, default=0.5)
+    ap.add_argument("--bf16", action="store_true", help="CPU: bf16 autocast on both sides (the GPU setting always is)")
+    ap.add_argument("--work", type=Path, default=Path("runs/bench-on-policy"))
+    ap.add_argument("--worker", choices=["ours"], help=argparse.SUPPRESS)
+    ap.add_argument("--tree", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    args.batch = args.batch or (8 if args.gpu else 4)
+    args.new_tokens = args.new_tokens or (256 if args.gpu else 64)
+    if args.worker:
+        print("RESULT " + json.dumps(run_ours(json.loads(args.tree), args.gpu, args.warmup)), flush=True)
+        return
+
+    args.work.mkdir(parents=True, exist_ok=True)
+    n_rows = 64 * args.batch
+    paths = prepare_gpu(args.work, n_rows, 200) if args.gpu else prepare(args.work, n_rows, 48)
+    tree = ours_tree(args, paths, args.work / "run-distill")
+    rows = [run_worker([sys.executable, __file__, "--worker", "ours", "--tree", json.dumps(tree),
+                        "--warmup", str(args.warmup), *(["--gpu"] if args.gpu else [])])]
+    for name in args.trl if args.trl_python else []:
+        trainer, gc = name.removesuffix("-gc"), int(name.endswith("-gc"))
+        cmd = [args.trl_python, str(HERE / "trl_baseline.py"), "--trainer", trainer, "--gradient-checkpointing", str(gc),
+               "--batch", str(args.batch), "--max-new-tokens", str(args.new_tokens), "--beta", str(args.beta),
+               "--lmbda", "1.0", "--steps", str(args.steps), "--warmup", str(args.warmup), *(["--bf16"] if args.bf16 else [])]
+        cmd += ["--prompts", paths["prompts"]]
+        cmd += ["--gpu", "--tokenizer", paths["tokenizer"]] if args.gpu else ["--teacher", paths["teacher"], "--student", paths["student"]]
+        rows.append({"label": name, **run_worker(cmd)})
+    print_table(rows, args)
+
+
+def print_table(rows: list[dict], args) -> None:
+    device = torch.cuda.get_device_name() if args.gpu else f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
+    precision = "bf16 autocast" if args.gpu or args.bf16 else "fp32"
+    print(f"\non-policy step, {device}, torch {torch.__version__}, {precision}: batch {args.batch}, {args.new_tokens} new tokens, "
+          f"lmbda 1, JSD beta {args.beta}; median of {args.steps} steps after {args.warmup} warmup\n")
+    head = f"{'trainer':<22} {'s/step':>7} {'samples/s':>9} {'gen tok/s':>9} {'peak RSS':>9} {'peak GPU':>9}   rollout / scoring / update"
+    print(head + "\n" + "-" * len(head))
+    base = None
+    for r in rows:
+        label = r.get("label", r.get("trainer", "?"))
+        if "error" in r:
+            print(f"{label:<22} {r['error']}")
+            continue
+        gpu = f"{r['peak_gpu_gib']:.1f} GiB" if r.get("peak_gpu_gib") else "-"
+        share = "-"
+        if "rollout_s" in r:
+            s = r["s_per_step"]
+            share = " / ".join(f"{100 * r[k] / s:.0f}%" for k in ("rollout_s", "teacher_s", "update_s"))
+        tok_s = r["gen_tokens_per_step"] / r["s_per_step"]
+        print(f"{label:<22} {r['s_per_step']:>7.2f} {r['samples_per_s']:>9.3f} {tok_s:>9.1f} "
+              f"{r['peak_rss_gib']:>5.2f} GiB {gpu:>9}   {share}")
+        if r.get("trainer") == "distill":
+            base = r
+    for r in rows:
+        if base is not None and r is not base and "error" not in r:
+            print(f"distill vs {r['label']}: {base['samples_per_s'] / r['samples_per_s']:.2f}x samples/s, "
+                  f"peak RSS {base['peak_rss_gib'] / r['peak_rss_gib']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
