@@ -96,7 +96,7 @@ def sampled_accuracy(run_dir: Path, n_test: int, seed: int) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--steps", type=int, default=1500)
+    ap.add_argument("--steps", type=int, default=700)
     ap.add_argument("--work", type=Path, default=Path("runs/bench-exposure"))
     ap.add_argument("--parallel", type=int, default=2)
     ap.add_argument("--reuse", action="store_true", help="only read finished runs")
@@ -109,7 +109,7 @@ def main() -> None:
     teacher = json.loads((args.work / "teacher" / "eval.json").read_text())
     print(f"\nteacher (labels only, 1.06M params): greedy accuracy {teacher['accuracy']:.3f}")
     print(f"student 48 wide, 4 layers, {args.steps} steps, JSD beta 0.5, T 1; 500 held-out chains of 6..10 operations\n")
-    print(f"{'variant':<15} {'seed':>4} {'greedy':>7} {'sampled':>8} {'on-policy steps':>16} {'train s':>8}")
+    print(f"{'variant':<15} {'seed':>4} {'greedy':>7} {'sampled':>8} {'on-policy steps':>16} {'time in rollouts':>17}")
     table: dict[str, dict[str, list[float]]] = {}
     for name, lmbda in VARIANTS.items():
         for seed in args.seeds:
@@ -117,14 +117,14 @@ def main() -> None:
             if not (run / "eval.json").exists():
                 continue
             ev = json.loads((run / "eval.json").read_text())
-            summary = json.loads((run / "train_summary.json").read_text())
             metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
             sampled = sampled_accuracy(run, 500, seed)
             share = sum(m.get("on_policy", False) for m in metrics) / len(metrics)
+            rollout = sum(m.get("rollout_s", 0.0) for m in metrics) / sum(m["step_s"] for m in metrics)
             table.setdefault(name, {"greedy": [], "sampled": []})
             table[name]["greedy"].append(ev["accuracy"])
             table[name]["sampled"].append(sampled)
-            print(f"{name:<15} {seed:>4} {ev['accuracy']:>7.3f} {sampled:>8.3f} {share:>16.2f} {summary['wall_s']:>8.0f}")
+            print(f"{name:<15} {seed:>4} {ev['accuracy']:>7.3f} {sampled:>8.3f} {share:>16.2f} {rollout:>17.0%}")
     print(f"\n{'variant':<15} {'greedy mean ± sd':>18} {'sampled mean ± sd':>19}  n")
     for name, cols in table.items():
         cells = [f"{statistics.mean(v):.3f} ± {statistics.stdev(v) if len(v) > 1 else 0:.3f}" for v in cols.values()]

@@ -25,7 +25,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from distill.divergences import resolve_divergence
-from distill.logit_grads import log_probs_value_and_grad, log_softmax_, sparse_value_and_grad
+from distill.logit_grads import log_probs_value_and_grad, log_softmax_at, sparse_value_and_grad
 from distill.losses import IGNORE_INDEX
 
 # Auto chunk: about 2**25 logits (128 MiB in fp32) per (chunk, V) buffer, whatever V is;
@@ -71,7 +71,8 @@ def _dense_teacher(h_t: torch.Tensor, w_t: torch.Tensor, b_t: torch.Tensor | Non
 
     def chunk(idx: torch.Tensor, log_q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         t_logits = _logits(h_t.index_select(0, idx), wt, bt, log_q.dtype)  # (c, V) no grad
-        log_p = log_softmax_(t_logits, temperature)  # (c, V) in place
+        log_p = log_softmax_at(t_logits, temperature)  # (c, V)
+        del t_logits
         return log_probs_value_and_grad(opts["divergence"], log_q, log_p, temperature, **opts["params"])
 
     return chunk
@@ -131,7 +132,8 @@ class _FusedKD(torch.autograd.Function):
             hs = h_s.index_select(0, idx)  # (c, Hs)
             s_logits = _logits(hs, ws, bs, dtype)  # (c, V)
             log_sm = torch.log_softmax(s_logits, dim=-1) if want_ce and temperature != 1.0 else None  # (c, V), T = 1
-            log_q = log_softmax_(s_logits, temperature)  # (c, V) in place
+            log_q = log_softmax_at(s_logits, temperature)  # (c, V)
+            del s_logits
             ce_grad = None
             if want_ce:
                 assert labels is not None
@@ -145,7 +147,7 @@ class _FusedKD(torch.autograd.Function):
                     ce_grad.scatter_add_(1, target, torch.full_like(target, -1, dtype=ce_grad.dtype))
                 del log_sm, at_one
             div_tok, g = teacher_chunk(idx, log_q)  # (c,), (c, V); log_q may be overwritten
-            del log_q, s_logits
+            del log_q
             div = div_tok.sum()
             loss += div_weight * div
             terms[0] += div

@@ -33,17 +33,17 @@ import torch
 from distill.divergences import resolve_divergence
 
 
-def log_softmax_(x: torch.Tensor, temperature: float) -> torch.Tensor:
-    """In place: x (c, V) <- log_softmax(x / T) over the last dim. Returns x.
+def log_softmax_at(x: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log_softmax(x / T) over the last dim, as a new tensor; x is consumed (divided by T in
+    place when T != 1).
 
-    The row max is subtracted first (exactly), so log-probs near 0 keep full precision even
-    for logits of 1e4 (a bare x - logsumexp(x) would be off by ulp(1e4) ~ 1e-3).
+    torch's kernel subtracts the row max exactly before the log-sum-exp, so log-probs near 0
+    keep full precision even for logits of 1e4 (a bare x - logsumexp(x) would be off by
+    ulp(1e4) ~ 1e-3), in one fused pass.
     """
     if temperature != 1.0:
         x.div_(temperature)
-    top = x.amax(dim=-1, keepdim=True)  # (c, 1)
-    x.sub_(torch.where(torch.isfinite(top), top, 0.0))
-    return x.sub_(torch.logsumexp(x, dim=-1, keepdim=True))
+    return torch.log_softmax(x, dim=-1)
 
 
 def _xlogy_rows(p: torch.Tensor, log_p: torch.Tensor, log_r: torch.Tensor) -> torch.Tensor:
@@ -57,12 +57,26 @@ def _mix(log_a: torch.Tensor, log_b: torch.Tensor, w: float) -> torch.Tensor:
     return torch.logaddexp(log_a + math.log(w), log_b + math.log1p(-w))
 
 
-def _softmax_chain(q: torch.Tensor, qa: torch.Tensor, temperature: float) -> torch.Tensor:
-    """In place into qa: q * (a - sum q a) / T from qa = q * a (c, V) (0 where q = 0)."""
-    qa.sub_(q * qa.sum(-1, keepdim=True))
-    if temperature != 1.0:
-        qa.div_(temperature)
+def _softmax_chain(
+    q: torch.Tensor, qa: torch.Tensor, temperature: float, row_sum: torch.Tensor | None = None, scale: float = 1.0
+) -> torch.Tensor:
+    """In place into qa: scale * q * (a - sum q a) / T from qa = q * a (c, V) (0 where q = 0).
+    row_sum: sum q a per row (c,) when the caller already has it."""
+    total = qa.sum(-1) if row_sum is None else row_sum  # (c,)
+    qa.sub_(q * total.unsqueeze(-1))  # the rounding autograd's softmax backward has
+    if scale / temperature != 1.0:
+        qa.mul_(scale / temperature)
     return qa
+
+
+def _weighted_log_ratio_(a: torch.Tensor, log_a: torch.Tensor, log_b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out <- a * (log a - log b) (c, V), 0 where a = 0; out may be log_a or log_b (in place).
+
+    The only NaN a finite-or-(-inf) input can give is 0 * inf where a = 0: set to 0. An inf
+    where a > 0 (b = 0) stays: that term of KL(a || b) is +inf.
+    """
+    torch.sub(log_a, log_b, out=out).mul_(a)
+    return out.nan_to_num_(nan=0.0, posinf=math.inf, neginf=-math.inf)
 
 
 def per_token_and_grad(
@@ -92,8 +106,8 @@ def per_token_and_grad(
             f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}"
         )
     dtype = torch.promote_types(torch.float32, torch.promote_types(student_logits.dtype, teacher_logits.dtype))
-    log_q = log_softmax_(student_logits.to(dtype, copy=True), temperature)  # (c, V)
-    log_p = log_softmax_(teacher_logits.to(dtype, copy=True), temperature)  # (c, V)
+    log_q = log_softmax_at(student_logits.to(dtype, copy=True), temperature)  # (c, V)
+    log_p = log_softmax_at(teacher_logits.to(dtype, copy=True), temperature)  # (c, V)
     return log_probs_value_and_grad(name, log_q, log_p, temperature, **params)
 
 
@@ -116,23 +130,26 @@ def log_probs_value_and_grad(
     if name in ("skew_forward_kl", "skew_reverse_kl") and params.get("alpha", 0.1) == 0:
         name, params = ("forward_kl" if name == "skew_forward_kl" else "reverse_kl"), {}
 
+    # Buffers are reused in place where the value is no longer needed: each (c, V) pass
+    # costs about as much as the lm_head matmul's share per token on CPU.
     if name == "forward_kl":
         p = log_p.exp()  # (c, V)
-        value = _xlogy_rows(p, log_p, log_q)  # (c,)
+        value = _weighted_log_ratio_(p, log_p, log_q, out=log_p).sum(-1)  # (c,)
         grad = p.neg_().add_(q)  # (c, V) q - p
         return value, (grad.div_(temperature) if temperature != 1.0 else grad)
     if name == "reverse_kl":
-        value = _xlogy_rows(q, log_q, log_p)  # (c,)
-        qa = torch.where(q > 0, q * (log_q - log_p), 0.0)  # (c, V) q (log q - log p)
-        return value, _softmax_chain(q, qa, temperature)
+        qa = _weighted_log_ratio_(q, log_q, log_p, out=log_p)  # (c, V) q (log q - log p)
+        value = qa.sum(-1)  # (c,) = sum q a, reused by the chain rule
+        return value, _softmax_chain(q, qa, temperature, row_sum=value)
     if name == "jsd":
         beta = params.get("beta", 0.5)
         log_m = _mix(log_p, log_q, beta)  # (c, V)
         p = log_p.exp()  # (c, V)
-        kl_qm = _xlogy_rows(q, log_q, log_m)  # (c,)
-        value = _xlogy_rows(p, log_p, log_m) / (1 - beta) + kl_qm / beta  # (c,)
-        qa = torch.where(q > 0, q * (log_q - log_m), 0.0).div_(beta)  # (c, V)
-        return value, _softmax_chain(q, qa, temperature)
+        kl_pm = _weighted_log_ratio_(p, log_p, log_m, out=log_p).sum(-1)  # (c,)
+        qa = _weighted_log_ratio_(q, log_q, log_m, out=log_m)  # (c, V) q (log q - log m)
+        kl_qm = qa.sum(-1)  # (c,)
+        value = kl_pm / (1 - beta) + kl_qm / beta  # (c,)
+        return value, _softmax_chain(q, qa, temperature, row_sum=kl_qm, scale=1.0 / beta)
     if name == "skew_forward_kl":
         alpha = params.get("alpha", 0.1)
         log_m = _mix(log_p, log_q, alpha)  # (c, V)

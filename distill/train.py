@@ -32,7 +32,6 @@ from distill.features import (
     num_layers,
 )
 from distill.models import count_parameters
-from distill.on_policy import check_prompts, is_on_policy_step, sample_examples
 from distill.objective import (
     combine,
     fused_sparse_term_sums,
@@ -41,6 +40,7 @@ from distill.objective import (
     sparse_term_sums,
     term_sums,
 )
+from distill.on_policy import check_prompts, is_on_policy_step, sample_examples
 from distill.paths import atomic_write_json, atomic_write_text
 from distill.progress import Progress
 

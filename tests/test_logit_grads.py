@@ -85,7 +85,11 @@ def test_extremes_match_autograd_and_never_nan(n, v, data, temperature, dtype):
         assert torch.isfinite(values).all() and torch.isfinite(grad).all(), (name, params)
         # fp32 rounding is relative to the largest entry (reverse KL reaches 2e4 here)
         torch.testing.assert_close(values, ref_values, rtol=1e-4, atol=1e-4 * max(1.0, ref_values.abs().max().item()))
-        torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-4 * max(1.0, ref_grad.abs().max().item()))
+        # A gradient q (a - sum q a) near 0 is a difference of terms as large as the log-ratio
+        # a (up to 2e4 / T here): both sides carry rounding of eps * |a| there (autograd's own
+        # fp32 gradient is off by 4e-4 from the exact 0 at +-1e4 logits).
+        cancel = 4 * torch.finfo(exact).eps * (s.float().abs().max() + t.float().abs().max()).item() / temperature
+        torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-4 * max(1.0, ref_grad.abs().max().item()) + cancel)
 
 
 def test_reverse_kl_true_infinity():
@@ -116,7 +120,7 @@ def test_errors_name_the_problem(call, match):
 @pytest.mark.parametrize(("name", "params"), CONFIGS, ids=IDS)
 def test_sparse_matches_autograd(name, params, temperature):
     from distill.divergences import sparse_per_token
-    from distill.logit_grads import log_softmax_, sparse_value_and_grad
+    from distill.logit_grads import log_softmax_at, sparse_value_and_grad
 
     g = torch.Generator().manual_seed(3)
     V, k = 13, 4
@@ -129,14 +133,14 @@ def test_sparse_matches_autograd(name, params, temperature):
     s_leaf = s.clone().requires_grad_(True)
     ref = sparse_per_token(name, s_leaf, top.indices, top.values, temperature, teacher_rest=rest, **params)
     (ref_grad,) = torch.autograd.grad(ref.sum(), s_leaf)
-    log_q = log_softmax_(s.clone(), temperature)
+    log_q = log_softmax_at(s.clone(), temperature)
     values, grad = sparse_value_and_grad(name, log_q, top.indices, top.values, rest, temperature, **params)
     torch.testing.assert_close(values, ref.detach(), rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(grad, ref_grad, rtol=1e-9, atol=1e-12)
     # k = V: no rest bucket, the dense values
     full = log_p.topk(V, -1)
     values, grad = sparse_value_and_grad(
-        name, log_softmax_(s.clone(), temperature), full.indices, full.values, torch.full((5,), -INF, dtype=s.dtype),
+        name, log_softmax_at(s.clone(), temperature), full.indices, full.values, torch.full((5,), -INF, dtype=s.dtype),
         temperature, **params,
     )  # fmt: skip
     dense_values, dense_grad = per_token_and_grad(name, s, t, temperature, **params)
