@@ -5,16 +5,18 @@
 
 The built-in task with long step-by-step outputs (6..10 operations: rationales of 25-41
 characters before the answer). The teacher is the demo's teacher shape (128 wide, 4
-layers) trained with labels on these chains (trained here once, into --work/teacher); the
-student is the demo's student shape (48 wide, 4 layers). Every variant has the same
-student, data, steps, seed and objective: alpha 1 (distillation only), generalized JSD
-beta 0.5 at loss temperature 1. They differ only in where each step's completions come
-from: the dataset's gold chains (off-policy, lmbda 0) or the student's own samples at
-sampling temperature 1 (lmbda 0.5: half the steps, drawn per step; 1.0: every step).
+layers, 1.06M params) trained with labels on these chains (trained here once, into
+--work/teacher). As in GKD, the student starts from supervised fine-tuning: per seed, a
+96-wide, 4-layer student (0.60M params) trained on the gold chains with labels only
+(--sft-steps, lr 3e-3): it gets single steps mostly right and whole chains mostly wrong. From that same checkpoint, three distillation runs of --steps steps each
+differ only in where each step's completions come from: the dataset's gold chains
+(off-policy, lmbda 0) or the student's own samples at sampling temperature 1 (lmbda 0.5:
+half the steps, drawn per step; 1.0: every step). Objective: alpha 1 (distillation only),
+generalized JSD beta 0.5 at loss temperature 1.
 
 Reports, on the 500 held-out problems: exact-match accuracy of greedy generations and of
-sampled ones (temperature 1, one sample per problem, seeded), per run, then mean and
-sample sd per variant. Runs go two at a time, one thread each.
+sampled ones (temperature 1, one sample per problem, seeded), per run and for the SFT
+starting point, then mean and sample sd per variant. Runs go two at a time, one thread each.
 """
 
 import argparse
@@ -42,14 +44,33 @@ def teacher_tree(work: Path) -> dict:
     return tree
 
 
+STUDENT_SHAPE = {"hidden_size": 96, "intermediate_size": 384}
+
+
+def sft_tree(work: Path, seed: int, steps: int) -> dict:
+    """The starting point: the student trained on gold chains with labels only."""
+    from distill.demo import packaged_config
+
+    tree = packaged_config("demo_student")
+    tree["student"]["config"].update(STUDENT_SHAPE)
+    tree.pop("teacher")
+    tree["data"].update(min_ops=6, max_ops=10)
+    tree["objective"] = {"alpha": 0.0}
+    tree["train"].update(steps=steps, seed=seed, lr=3e-3)
+    tree["eval"]["max_new_tokens"] = 64
+    tree["out_dir"] = str(work / f"sft-seed{seed}")
+    return tree
+
+
 def student_tree(work: Path, seed: int, lmbda: float, steps: int) -> dict:
     from distill.demo import packaged_config
 
     tree = packaged_config("demo_student")
+    tree["student"] = {"name": str(work / f"sft-seed{seed}" / "student")}
     tree["teacher"] = {"name": str(work / "teacher" / "student")}
     tree["data"].update(min_ops=6, max_ops=10)
     tree["objective"] = {"alpha": 1.0, "temperature": 1.0, "divergence": "jsd", "jsd_beta": 0.5}
-    tree["train"].update(steps=steps, seed=seed)
+    tree["train"].update(steps=steps, seed=seed, lr=1e-3, warmup_steps=10)
     tree["on_policy"] = {"lmbda": lmbda, "max_new_tokens": 48, "temperature": 1.0}
     tree["features"] = {"probe_examples": 0}
     tree["eval"]["max_new_tokens"] = 64
@@ -96,7 +117,8 @@ def sampled_accuracy(run_dir: Path, n_test: int, seed: int) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--steps", type=int, default=700)
+    ap.add_argument("--sft-steps", type=int, default=600)
+    ap.add_argument("--steps", type=int, default=500)
     ap.add_argument("--work", type=Path, default=Path("runs/bench-exposure"))
     ap.add_argument("--parallel", type=int, default=2)
     ap.add_argument("--reuse", action="store_true", help="only read finished runs")
@@ -104,13 +126,24 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     if not args.reuse:
         run_all([teacher_tree(args.work)], args.work, 1)
+        run_all([sft_tree(args.work, s, args.sft_steps) for s in args.seeds], args.work, args.parallel)
         trees = [student_tree(args.work, s, lm, args.steps) for s in args.seeds for lm in VARIANTS.values()]
         run_all(trees, args.work, args.parallel)
     teacher = json.loads((args.work / "teacher" / "eval.json").read_text())
     print(f"\nteacher (labels only, 1.06M params): greedy accuracy {teacher['accuracy']:.3f}")
-    print(f"student 48 wide, 4 layers, {args.steps} steps, JSD beta 0.5, T 1; 500 held-out chains of 6..10 operations\n")
+    print(f"student 96 wide, 4 layers: {args.sft_steps} SFT steps, then {args.steps} distillation steps "
+          f"(alpha 1, JSD beta 0.5, T 1); 500 held-out chains of 6..10 operations\n")
     print(f"{'variant':<15} {'seed':>4} {'greedy':>7} {'sampled':>8} {'on-policy steps':>16} {'time in rollouts':>17}")
     table: dict[str, dict[str, list[float]]] = {}
+    for seed in args.seeds:
+        run = Path(sft_tree(args.work, seed, args.sft_steps)["out_dir"])
+        if (run / "eval.json").exists():
+            ev = json.loads((run / "eval.json").read_text())
+            sampled = sampled_accuracy(run, 500, seed)
+            table.setdefault("SFT start", {"greedy": [], "sampled": []})
+            table["SFT start"]["greedy"].append(ev["accuracy"])
+            table["SFT start"]["sampled"].append(sampled)
+            print(f"{'SFT start':<15} {seed:>4} {ev['accuracy']:>7.3f} {sampled:>8.3f} {'-':>16} {'-':>17}")
     for name, lmbda in VARIANTS.items():
         for seed in args.seeds:
             run = Path(student_tree(args.work, seed, lmbda, args.steps)["out_dir"])

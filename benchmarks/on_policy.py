@@ -19,7 +19,12 @@ allocated GPU memory), --warmup steps untimed, then --steps timed; the table sho
 median step. distill's share of the step: rollout, teacher scoring (teacher forwards) and
 update (student forward, loss, backward, optimizer), from its metrics.jsonl.
 TRL lives only in the environment of --trl-python (benchmarks/trl_baseline.py), never in
-distill's dependencies; without --trl-python only distill's rows are printed.
+distill's dependencies; without --trl-python only distill's rows are printed. To make one
+that shares this environment's torch and transformers:
+
+    python -m venv --system-site-packages /tmp/bench-trl
+    pip freeze | grep -iE "^(torch|transformers|accelerate|tokenizers|safetensors)==" > /tmp/pins.txt
+    /tmp/bench-trl/bin/pip install -c /tmp/pins.txt trl
 """
 
 import argparse
