@@ -35,3 +35,21 @@ def tiny_tree(tmp_path) -> dict:
 
 def read_metrics(run_dir) -> list[dict]:
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def crash_at(monkeypatch, step: int, run) -> None:
+    """Call run() and make it crash (KeyboardInterrupt) right after optimizer step `step`
+    is logged; the training loop is restored afterwards."""
+    import distill.train as train_mod
+
+    real_update = train_mod.Progress.update
+
+    def crash(self, done, loss, tps):
+        real_update(self, done, loss, tps)
+        if done == step:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_mod.Progress, "update", crash)
+    with pytest.raises(KeyboardInterrupt):
+        run()
+    monkeypatch.setattr(train_mod.Progress, "update", real_update)

@@ -9,7 +9,6 @@ import torch
 from safetensors.torch import load_file
 
 import distill.on_policy as on_policy_mod
-import distill.train as train_mod
 from distill.build import build_examples, build_models
 from distill.config import OnPolicyConfig, build_config
 from distill.data import collate
@@ -19,7 +18,7 @@ from distill.objective import fused_term_sums, term_sums
 from distill.on_policy import is_on_policy_step, prompt_length, sample_examples
 from distill.train import train
 
-from conftest import read_metrics
+from conftest import crash_at, read_metrics
 
 
 def _on_policy(tree, **sampling) -> dict:
@@ -130,17 +129,7 @@ def test_on_policy_resume_equals_uninterrupted(tiny_tree, tmp_path, monkeypatch)
     full, cut = copy.deepcopy(tree), copy.deepcopy(tree)
     full["out_dir"], cut["out_dir"] = str(tmp_path / "full"), str(tmp_path / "cut")
     train(build_config(full), show_progress=False)
-    real_update = train_mod.Progress.update
-
-    def crash(self, step, loss, tps):
-        real_update(self, step, loss, tps)
-        if step == 5:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(train_mod.Progress, "update", crash)
-    with pytest.raises(KeyboardInterrupt):
-        train(build_config(cut), show_progress=False)
-    monkeypatch.setattr(train_mod.Progress, "update", real_update)
+    crash_at(monkeypatch, 5, lambda: train(build_config(cut), show_progress=False))
     train(build_config(cut), resume=True, show_progress=False)
     mf, mc = read_metrics(full["out_dir"]), read_metrics(cut["out_dir"])
     assert [m["on_policy"] for m in mc] == [m["on_policy"] for m in mf]

@@ -19,7 +19,7 @@ from distill.errors import DistillError
 from distill.runner import run_training
 from distill.train import train
 
-from conftest import read_metrics
+from conftest import crash_at, read_metrics
 
 
 def _train(tree, **changes):
@@ -90,17 +90,7 @@ def test_resume_equals_uninterrupted(tiny_tree, tmp_path, monkeypatch, feature_w
     _train(full)
 
     # Interrupt the second run at step 5, after the step-3 checkpoint and step 4's metrics.
-    real_update = train_mod.Progress.update
-
-    def crash(self, step, loss, tps):
-        real_update(self, step, loss, tps)
-        if step == 5:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(train_mod.Progress, "update", crash)
-    with pytest.raises(KeyboardInterrupt):
-        _train(cut)
-    monkeypatch.setattr(train_mod.Progress, "update", real_update)
+    crash_at(monkeypatch, 5, lambda: _train(cut))
     assert len(read_metrics(cut["out_dir"])) == 5
     assert not (Path(cut["out_dir"]) / "student").exists()
 
