@@ -8,7 +8,7 @@ CPU: teacher SmolLM2-135M-Instruct (packaged, fp32, 30 layers), student of a thi
 layers (`distill student --layers 10`, 64M params), prompts = the first <= 48 tokens of
 paragraphs of CPython's reference prose, batch 4, 64 new tokens forced (EOS masked until
 then), sampling temperature 1, lmbda 1 (every step on-policy), generalized JSD beta 0.5 at
-loss temperature 1, AdamW lr 1e-5.
+loss temperature 1, fused AdamW lr 1e-5 (on both sides).
 GPU (--gpu): random-init models of the Qwen2.5-1.5B (teacher) and Qwen2.5-0.5B (student)
 shapes in bf16 (no weights needed: speed does not depend on their values), a word-level
 tokenizer over all 151936 of Qwen's ids, batch 8, prompts of 200 random ids, 256 new
@@ -130,6 +130,7 @@ def ours_tree(args, paths: dict, out: Path) -> dict:
         "objective": {"alpha": 1.0, "temperature": 1.0, "divergence": "jsd", "jsd_beta": args.beta},
         "train": {
             "steps": steps, "micro_batch_size": args.batch, "lr": 1e-5, "warmup_steps": 0, "seed": 0,
+            "fused_optimizer": True,  # TRL's default optimizer is fused AdamW too
             "precision": "bf16" if args.gpu or args.bf16 else "fp32",
         },
         "on_policy": {

@@ -115,6 +115,11 @@ class TrainConfig(Section):
     """AdamW weight decay."""
     betas: tuple[float, float] = (0.9, 0.98)
     """AdamW betas."""
+    fused_optimizer: bool = False
+    """AdamW as one fused kernel over all parameters (CPU and CUDA) instead of torch's
+    default multi-tensor one: about 4x faster optimizer steps on a 64M-parameter student on
+    CPU. Results differ from the default in the last bits, which on unstable runs (the
+    demo's KD student) can decide the outcome."""
     max_grad_norm: float | None = 1.0
     """Gradient clipping norm; null turns clipping off."""
     precision: Literal["fp32", "bf16"] = "fp32"

@@ -224,9 +224,9 @@ def train(cfg: RunConfig, resume: bool = False, show_progress: bool = True) -> d
 
     t = cfg.train
     trained = [*student.parameters(), *(projectors.parameters() if projectors is not None else [])]
-    # fused: one kernel over all parameters (CPU and CUDA); 4x faster than foreach on a 64M
-    # student on CPU, where the optimizer step is a visible share of an on-policy step.
-    optimizer = torch.optim.AdamW(trained, lr=t.lr, betas=t.betas, weight_decay=t.weight_decay, fused=True)
+    optimizer = torch.optim.AdamW(
+        trained, lr=t.lr, betas=t.betas, weight_decay=t.weight_decay, fused=True if t.fused_optimizer else None
+    )
     # The scheduler is stepped by hand once per optimizer step (accelerate's prepared
     # scheduler would step once per process) and registered so checkpoints carry it.
     scheduler = torch.optim.lr_scheduler.LambdaLR(
