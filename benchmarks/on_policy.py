@@ -1,7 +1,7 @@
 """Throughput of one on-policy distillation step (rollout + teacher scoring + student
 update): distill vs TRL's GKDTrainer and DistillationTrainer, same models, data, settings.
 
-    python benchmarks/on_policy.py --trl-python /work/benchenv/bin/python       # CPU
+    python benchmarks/on_policy.py --trl-python /tmp/bench-trl/bin/python       # CPU
     python benchmarks/on_policy.py --gpu --trl-python ...                        # CUDA
 
 CPU: teacher SmolLM2-135M-Instruct (packaged, fp32, 30 layers), student of a third of its
@@ -74,8 +74,8 @@ def prose_prompts(tokenizer, n: int, prompt_tokens: int) -> list[dict]:
 
 
 def prepare(work: Path, n_rows: int, prompt_tokens: int) -> dict:
-    """Student folder, teacher folder (TRL loads it; its tokenizer serves the GPU setting too)
-    and the prompt file; reused when present."""
+    """Student folder, teacher folder (for TRL, which loads it from disk) and the prompt
+    file; reused when present."""
     from distill.models import load_causal_lm, load_tokenizer
     from distill.students import make_student
 
@@ -162,8 +162,8 @@ def run_ours(tree: dict, gpu: bool, warmup: int) -> dict:
     }
 
 
-def run_worker(cmd: list[str], env: dict | None = None) -> dict:
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+def run_worker(cmd: list[str]) -> dict:
+    proc = subprocess.run(cmd, capture_output=True, text=True)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
@@ -175,7 +175,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--gpu", action="store_true")
     ap.add_argument("--trl-python", default=None, help="a python with trl installed (benchmark-only)")
-    ap.add_argument("--trl", nargs="*", default=["gkd", "gkd-gc", "distillation-gc"],
+    ap.add_argument("--trl", nargs="*", default=["gkd", "gkd-gc", "distillation", "distillation-gc"],
                     help="TRL rows: gkd | gkd-gc | distillation | distillation-gc (-gc: gradient checkpointing)")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)

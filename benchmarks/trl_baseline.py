@@ -15,7 +15,8 @@ per optimizer step (gradient_accumulation_steps=1), prompts in file order. By de
 `min_new_tokens = max_new_tokens`, so every completion is exactly --max-new-tokens long.
 
 Needs an environment with `trl` (not a distill dependency), e.g.
-    /work/benchenv/bin/python benchmarks/trl_baseline.py --trainer gkd
+    /tmp/bench-trl/bin/python benchmarks/trl_baseline.py --trainer gkd --teacher T --student S --prompts P.jsonl
+(benchmarks/on_policy.py prepares T, S and P and runs this script for you)
 The last stdout line is `RESULT {json}`; everything else goes to stderr.
 """
 
@@ -32,9 +33,9 @@ import time
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--trainer", choices=["gkd", "distillation"], required=True)
-    p.add_argument("--teacher", default="/work/bench/teacher")
-    p.add_argument("--student", default="/work/bench/student10")
-    p.add_argument("--prompts", default="/work/bench/prompts.jsonl")
+    p.add_argument("--teacher", help="teacher folder (CPU setting)")
+    p.add_argument("--student", help="student folder (CPU setting)")
+    p.add_argument("--prompts", required=True, help='JSONL rows {"prompt": text}')
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--lmbda", type=float, default=1.0, help="GKD only (DistillationTrainer is always on-policy)")
@@ -50,7 +51,10 @@ def parse_args():
     p.add_argument("--gpu", action="store_true", help="CUDA, bf16, random-init Qwen2.5-1.5B / 0.5B shapes")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (TrainingArguments.bf16), also on CPU")
     p.add_argument("--tokenizer", default=None, help="--gpu: the tokenizer folder (on_policy.py writes one)")
-    return p.parse_args()
+    args = p.parse_args()
+    if args.gpu and not args.tokenizer or not args.gpu and not (args.teacher and args.student):
+        p.error("the CPU setting needs --teacher and --student; --gpu needs --tokenizer")
+    return args
 
 
 def main(a):

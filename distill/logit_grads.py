@@ -46,10 +46,6 @@ def log_softmax_at(x: torch.Tensor, temperature: float) -> torch.Tensor:
     return torch.log_softmax(x, dim=-1)
 
 
-def _xlogy_rows(p: torch.Tensor, log_p: torch.Tensor, log_r: torch.Tensor) -> torch.Tensor:
-    """sum_j p_j (log p_j - log r_j) per row (c,), with 0 where p_j = 0 (KL(p || r))."""
-    diff = log_p - log_r  # (c, V)
-    return torch.where(p > 0, p * diff, 0.0).sum(-1)  # (c,)
 
 
 def _mix(log_a: torch.Tensor, log_b: torch.Tensor, w: float) -> torch.Tensor:
@@ -67,6 +63,11 @@ def _softmax_chain(
     if scale / temperature != 1.0:
         qa.mul_(scale / temperature)
     return qa
+
+
+def _xlogy_rows(p: torch.Tensor, log_p: torch.Tensor, log_r: torch.Tensor) -> torch.Tensor:
+    """sum_j p_j (log p_j - log r_j) per row (c,), with 0 where p_j = 0 (KL(p || r))."""
+    return _weighted_log_ratio_(p, log_p, log_r, out=torch.empty_like(log_p)).sum(-1)  # (c,)
 
 
 def _weighted_log_ratio_(a: torch.Tensor, log_a: torch.Tensor, log_b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
