@@ -77,6 +77,16 @@ def build_examples(dcfg: DataConfig, tokenizer) -> list[Example]:
     return tokenize_rows(rows, tokenizer, dcfg.max_length, source=dcfg.source)
 
 
+def build_task_examples(cfg: RunConfig, tokenizer) -> list[list[Example]]:
+    """Training examples per task (`distill.rationale`): one list, or the label and the
+    rationale task's lists of step-by-step multitask training, aligned by row."""
+    from distill.rationale import task_rows
+
+    rows = build_rows(cfg.data, "train")
+    tasks = task_rows(rows, cfg.rationale, cfg.data.source)
+    return [tokenize_rows(r, tokenizer, cfg.data.max_length, source=cfg.data.source) for r in tasks]
+
+
 def build_teacher_cache(cfg: RunConfig, tokenizer, examples: list[Example], student_vocab: int):
     """The run's verified `TeacherCache`, or None without `teacher_cache` (or at alpha = 0)."""
     from distill.teacher_cache import TeacherCache, dataset_hash, tokenizer_hash

@@ -74,6 +74,85 @@ def cache(
 
 
 @app.command()
+def generate(
+    prompts: Annotated[str, typer.Option(help="Prompts: a JSONL file of {prompt, answer?} rows, or builtin:chain.")],
+    out: Annotated[str, typer.Option(help="Output folder (generations.jsonl); rerun the same command to resume.")],
+    teacher: Annotated[str | None, typer.Option(help="Local teacher: hub id, folder, run dir, .gguf or packaged alias.")] = None,
+    server: Annotated[str | None, typer.Option(help="OpenAI-compatible server, e.g. http://localhost:8000/v1.")] = None,
+    model: Annotated[str | None, typer.Option(help="The server's model name (with --server).")] = None,
+    n: Annotated[int | None, typer.Option(help="Use the first N prompts (required for builtin:chain).")] = None,
+    samples: Annotated[int, typer.Option(help="Samples per prompt (for self-consistency).")] = 1,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature (0: greedy).")] = 0.7,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 1.0,
+    top_k: Annotated[int, typer.Option(help="Top-k filter (0: off).")] = 0,
+    max_new_tokens: Annotated[int, typer.Option(help="Most tokens per completion.")] = 256,
+    seed: Annotated[int, typer.Option(help="Seed of the per-row sampling seeds.")] = 0,
+    system: Annotated[str | None, typer.Option(help="System message (default: the chat template's).")] = None,
+    chat_template: Annotated[bool | None, typer.Option("--chat-template/--no-chat-template", help="Local teacher: wrap prompts in its chat template (default: when it has one).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Local teacher: rows sampled at once.")] = 16,
+    dtype: Annotated[str, typer.Option(help="Local teacher weights: float32 or bfloat16.")] = "float32",
+    concurrency: Annotated[int, typer.Option(help="Server: requests in flight at once.")] = 8,
+    timeout: Annotated[float, typer.Option(help="Server: seconds per request before it is retried.")] = 120.0,
+    max_retries: Annotated[int, typer.Option(help="Server: retries on 429, 5xx, dropped connections, timeouts.")] = 6,
+    api_key_env: Annotated[str, typer.Option(help="Server: environment variable holding the API key.")] = "OPENAI_API_KEY",
+    teacher_params: Annotated[int | None, typer.Option(help="Server: the teacher's parameter count, for the FLOPs estimate.")] = None,
+):
+    """A teacher writes rationale + answer for each prompt (local model or server)."""
+    from distill.chat_client import ServerSettings
+    from distill.errors import ConfigError
+    from distill.generate import GenerateSettings, run_generate
+
+    settings = GenerateSettings(temperature, top_p, top_k, max_new_tokens, samples, seed, system)
+    remote = None
+    if server is not None:
+        if model is None:
+            raise ConfigError("--server needs --model (the name the server knows the teacher by)")
+        if concurrency < 1 or timeout <= 0 or max_retries < 0:
+            raise ConfigError("--concurrency must be >= 1, --timeout > 0 and --max-retries >= 0")
+        remote = ServerSettings(server, model, api_key_env, concurrency, timeout, max_retries)
+    summary = run_generate(prompts, Path(out), settings, teacher, remote, n, batch_size, chat_template, dtype, teacher_params)
+    typer.echo(json.dumps(summary, indent=2))
+
+
+@app.command()
+def curate(
+    generations: Annotated[str, typer.Argument(help="A `distill generate` folder or its generations.jsonl.")],
+    out: Annotated[str | None, typer.Option(help="Curated rows (default: curated.jsonl beside the generations).")] = None,
+    answer_format: Annotated[str, typer.Option(help="auto, gsm8k, boxed, answer_line, chain, or regex:PATTERN.")] = "auto",
+    min_chars: Annotated[int, typer.Option(help="Shortest rationale kept (characters).")] = 1,
+    max_chars: Annotated[int | None, typer.Option(help="Longest rationale kept (characters).")] = None,
+    keep_truncated: Annotated[bool, typer.Option(help="Keep rows that hit max_new_tokens.")] = False,
+    check_gold: Annotated[bool, typer.Option("--check-gold/--no-check-gold", help="Reject answers that differ from the gold answer.")] = True,
+    check_consistency: Annotated[bool, typer.Option("--check-consistency/--no-check-consistency", help="Reject rationales whose conclusion differs from the answer.")] = True,
+    self_consistency: Annotated[bool, typer.Option("--self-consistency/--no-self-consistency", help="With several samples, keep only the majority answer.")] = True,
+    min_agreement: Annotated[float, typer.Option(help="Drop prompts whose majority has under this share of samples.")] = 0.0,
+    near_dup: Annotated[float, typer.Option(help="MinHash Jaccard threshold of near-duplicates (0: off).")] = 0.9,
+    per_prompt: Annotated[int, typer.Option(help="Most rows kept per prompt.")] = 1,
+):
+    """Filter teacher generations: duplicates, lengths, answers, consistency, majority vote."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from distill.curate import CurateSettings, write_curated
+
+    source = Path(generations)
+    target = Path(out) if out else (source if source.is_dir() else source.parent) / "curated.jsonl"
+    settings = CurateSettings(
+        answer_format, min_chars, max_chars, keep_truncated, check_consistency, check_gold, self_consistency,
+        min_agreement, near_dup or None, per_prompt=per_prompt,
+    )
+    summary = write_curated(source, target, settings)
+    table = Table(title=f"curation of {summary['rows']} rows ({summary['prompts']} prompts)")
+    table.add_column("rows")
+    table.add_column("count", justify="right")
+    table.add_row("kept", str(summary["kept"]))
+    for reason, count in summary["rejected_by_reason"].items():
+        table.add_row(f"rejected: {reason}", str(count))
+    Console(stderr=True).print(table)
+    typer.echo(json.dumps({"out": str(target), **{k: v for k, v in summary.items() if k != "settings"}}, indent=2))
+
+
+@app.command()
 def student(
     teacher: Annotated[str, typer.Option("--from", help="Teacher: hub id, folder, .gguf or packaged alias.")],
     out: Annotated[str, typer.Option(help="Folder to write the student to (must not exist).")],

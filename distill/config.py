@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from distill.errors import ConfigError
 
@@ -206,11 +206,44 @@ class OnPolicyConfig(Section):
     """Prompts sampled at once; null: all of this process's prompts of the step together."""
 
 
+class RationaleConfig(Section):
+    """How rows that carry a rationale are learned (Distilling Step-by-Step, Hsieh et al.
+    2023). Rows need 'rationale' and 'answer' for answer_only and multitask: the built-in
+    task has both, `distill curate` writes both."""
+
+    mode: Literal["completion", "answer_only", "multitask"] = "completion"
+    """'completion': the row's completion is the one target (for teacher rationales:
+    rationale then answer); 'answer_only': the answer alone (the label-only baseline);
+    'multitask': two tasks on the same input, label_prefix + prompt -> answer and
+    rationale_prefix + prompt -> rationale; evaluation runs the label task only."""
+    weight: float = Field(1.0, ge=0.0)
+    """lambda of multitask: loss = L_label + lambda * L_rationale, each term normalised by
+    its own task's valid tokens (any KD or feature term rides along inside each task)."""
+    label_prefix: str = "predict: "
+    """Put before the prompt of the label task."""
+    rationale_prefix: str = "explain: "
+    """Put before the prompt of the rationale task."""
+
+
 class EvalConfig(Section):
     max_new_tokens: int = 48
     """Tokens generated per held-out prompt (greedy)."""
     batch_size: int = 128
     """Prompts generated at once."""
+    answer_format: str = "auto"
+    """Where the answer is in a generation (`distill.answers`): auto, gsm8k, boxed,
+    answer_line, chain or regex:PATTERN. The built-in task always uses chain."""
+
+    @field_validator("answer_format")
+    @classmethod
+    def _known_format(cls, value: str) -> str:
+        from distill.answers import splitter
+
+        try:
+            splitter(value)
+        except ConfigError as e:
+            raise ValueError(str(e)) from None
+        return value
 
 
 class RunConfig(Section):
@@ -226,6 +259,9 @@ class RunConfig(Section):
     eval: EvalConfig = EvalConfig()
     on_policy: OnPolicyConfig = OnPolicyConfig()
     """Student-sampled completions scored by the teacher (GKD); off unless lmbda > 0."""
+    rationale: RationaleConfig = RationaleConfig()
+    """Rationale then answer as one target (default), the answer alone, or step-by-step
+    multitask training."""
     teacher_cache: str | None = None
     """A directory written by `distill cache` for this data and temperature: the KD term then
     uses the cached top-k teacher distribution (sparse divergence) and no teacher model is
@@ -241,11 +277,15 @@ class RunConfig(Section):
             raise ValueError("features.weight > 0 aligns hidden states with a teacher, but 'teacher' is not set")
         if self.features.weight > 0 and self.teacher_cache is not None:
             raise ValueError("features.weight > 0 needs the live teacher's hidden states; a teacher_cache holds logits only")
+        if self.teacher_cache is not None and self.rationale.mode != "completion":
+            raise ValueError("a teacher_cache covers the rows' completions; rationale.mode must be 'completion' with it")
         if self.on_policy.lmbda > 0:
             if self.teacher is None or self.objective.alpha == 0:
                 raise ValueError("on_policy.lmbda > 0 needs a live 'teacher' and objective.alpha > 0 to score the samples")
             if self.teacher_cache is not None:
                 raise ValueError("on_policy.lmbda > 0 scores new student samples; a teacher_cache only covers the dataset")
+            if self.rationale.mode != "completion":
+                raise ValueError("on_policy.lmbda > 0 samples whole completions; use rationale.mode=completion")
             if "divergence" not in self.objective.model_fields_set:
                 self.objective.divergence = "jsd"  # GKD's default
         return self

@@ -23,11 +23,12 @@ class Row:
     prompt: str
     completion: str
     answer: str | None = None  # gold answer, where exact grading is possible
+    rationale: str | None = None  # the reasoning before the answer (step-by-step training)
 
 
 def builtin_rows(split: str, n: int, seed: int, min_ops: int, max_ops: int) -> list[Row]:
     return [
-        Row(p.prompt, p.target, p.answer)
+        Row(p.prompt, p.target, p.answer, p.rationale)
         for p in chain.generate_split(split, n, seed=seed, min_ops=min_ops, max_ops=max_ops)
     ]
 
@@ -53,13 +54,13 @@ def read_jsonl(path: str | Path) -> list[Row]:
                 raise DistillError(f"{where}: a row needs 'completion' (with 'prompt') or 'text'")
             completion = obj.get("completion", obj.get("text"))
             prompt = obj.get("prompt", "")
-            answer = obj.get("answer")
-            for key, val in (("prompt", prompt), ("completion", completion)):
+            answer, rationale = obj.get("answer"), obj.get("rationale")
+            for key, val in (("prompt", prompt), ("completion", completion), ("rationale", rationale or "")):
                 if not isinstance(val, str):
                     raise DistillError(f"{where}: '{key}' must be a string, got {type(val).__name__}")
             if not completion:
                 raise DistillError(f"{where}: empty completion")
-            rows.append(Row(prompt, completion, None if answer is None else str(answer)))
+            rows.append(Row(prompt, completion, None if answer is None else str(answer), rationale))
     if not rows:
         raise DistillError(f"{path}: the dataset is empty")
     return rows

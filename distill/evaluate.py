@@ -9,7 +9,7 @@ from distill.data import Row, collate, tokenize_rows
 from distill.losses import IGNORE_INDEX, cross_entropy
 from distill.objective import next_token_targets
 from distill.rollout import Sampling, rollout
-from distill.tasks.chain import grade
+from distill.answers import grade
 
 
 @torch.no_grad()
@@ -68,14 +68,26 @@ def heldout_loss(model, tokenizer, rows: list[Row], batch_size: int, max_length:
     return total / max(count, 1)
 
 
-def evaluate_rows(model, tokenizer, rows: list[Row], max_new_tokens: int, batch_size: int, max_length: int) -> dict:
-    """Accuracy (where rows carry gold answers) and held-out loss; with wall seconds."""
+def evaluate_rows(
+    model,
+    tokenizer,
+    rows: list[Row],
+    max_new_tokens: int,
+    batch_size: int,
+    max_length: int,
+    answer_format: str = "chain",
+    direct: bool = False,
+) -> dict:
+    """Accuracy (where rows carry gold answers) and held-out loss; with wall seconds.
+
+    answer_format: where the answer is in a generation (`distill.answers`); direct: the
+    whole generation is the answer (the label task of step-by-step training)."""
     t0 = time.perf_counter()
     result: dict = {"n": len(rows), "heldout_ce": heldout_loss(model, tokenizer, rows, batch_size, max_length)}
     graded = [r for r in rows if r.answer is not None]
     if graded:
         texts = generate_greedy(model, tokenizer, [r.prompt for r in graded], max_new_tokens, batch_size)
-        result["accuracy"] = sum(grade(t, r.answer) for t, r in zip(texts, graded)) / len(graded)
+        result["accuracy"] = sum(grade(t, r.answer, answer_format, direct) for t, r in zip(texts, graded)) / len(graded)
         result["samples"] = [
             {"prompt": r.prompt, "generated": t, "answer": r.answer} for r, t in list(zip(graded, texts))[:5]
         ]

@@ -8,6 +8,7 @@ from distill.config import RunConfig, load_config
 from distill.errors import DistillError
 from distill.evaluate import evaluate_rows, load_student
 from distill.paths import atomic_write_json
+from distill.rationale import eval_rows
 from distill.train import train
 
 
@@ -16,10 +17,13 @@ def _is_main_process() -> bool:
 
 
 def evaluate_run(cfg: RunConfig, model, tokenizer, run_dir: Path | None) -> dict:
-    rows = build_rows(cfg.data, "test")
+    rows = eval_rows(build_rows(cfg.data, "test"), cfg.rationale)
     if not rows:
         return {"n": 0}
-    result = evaluate_rows(model, tokenizer, rows, cfg.eval.max_new_tokens, cfg.eval.batch_size, cfg.data.max_length)
+    fmt = "chain" if cfg.data.source == "builtin:chain" else cfg.eval.answer_format
+    direct = cfg.rationale.mode != "completion"
+    e = cfg.eval
+    result = evaluate_rows(model, tokenizer, rows, e.max_new_tokens, e.batch_size, cfg.data.max_length, fmt, direct)
     if run_dir is not None:
         atomic_write_json(run_dir / "eval.json", result)
     return result

@@ -19,7 +19,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
 
 from distill.alignment import AlignmentProbe, Probe
-from distill.build import build_examples, build_models, build_rows, build_teacher_cache, output_size
+from distill.build import build_models, build_rows, build_task_examples, build_teacher_cache, output_size
 from distill.config import RunConfig, dump_config
 from distill.data import IGNORE_INDEX, collate, global_batch_indices, micro_batches, tokenize_rows
 from distill.errors import DistillError
@@ -43,6 +43,7 @@ from distill.objective import (
 from distill.on_policy import check_prompts, is_on_policy_step, sample_examples
 from distill.paths import atomic_write_json, atomic_write_text
 from distill.progress import Progress
+from distill.rationale import TASK_NAMES, task_weights
 
 
 def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
@@ -212,7 +213,9 @@ def train(cfg: RunConfig, resume: bool = False, show_progress: bool = True) -> d
         pairs = layer_pairs(cfg.features, num_layers(student), num_layers(teacher), kept)
     torch.manual_seed(cfg.train.seed + 2)  # projector init, apart from the models' seeds
     projectors = build_projectors(cfg.features, pairs, student, teacher)
-    examples = build_examples(cfg.data, tokenizer)
+    task_examples = build_task_examples(cfg, tokenizer)  # one list per task, aligned by row
+    examples = task_examples[0]  # the label task: what rollouts, the cache and the probe use
+    task_w = task_weights(cfg.rationale)
     if cfg.on_policy.lmbda > 0:
         check_prompts(examples, cfg.on_policy.max_new_tokens, cfg.data.max_length)
     cache = build_teacher_cache(cfg, tokenizer, examples, output_size(student))
@@ -292,19 +295,24 @@ def train(cfg: RunConfig, resume: bool = False, show_progress: bool = True) -> d
                 policy_step=step, rollout_s=timer(acc, t0), generated_tokens=generated[0].item(),
                 eos_rate=generated[1].item() / global_batch,
             )
-        batches = []
+        batches = []  # (task, batch)
         for mb in mbs:
-            batch = collate([source[i] for i in mb], tokenizer.pad_token_id)
-            if cache is not None:
-                batch = cache.attach(batch, mb)
-            batches.append({k: v.to(acc.device) for k, v in batch.items()})
+            for task, exs in enumerate(task_examples):
+                batch = collate([(source if task == 0 else exs)[i] for i in mb], tokenizer.pad_token_id)
+                if cache is not None:
+                    batch = cache.attach(batch, mb)
+                batches.append((task, {k: v.to(acc.device) for k, v in batch.items()}))
         # On student samples the task CE is left out: it would teach the student its own samples.
         weights = (0.0, cfg.objective.term_weights()[1]) if on_policy else cfg.objective.term_weights()
         teacher_s = 0.0
-        local_valid = sum((b["labels"][:, 1:] != IGNORE_INDEX).sum() for b in batches)
-        n_valid = acc.reduce(torch.as_tensor(local_valid, device=acc.device, dtype=torch.float64), "sum").item()
+        # Each task's terms are normalised by that task's global count of valid tokens.
+        local_valid = [
+            sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for k, b in batches if k == task) for task in range(len(task_w))
+        ]
+        n_task = acc.reduce(torch.as_tensor(local_valid, device=acc.device, dtype=torch.float64), "sum").tolist()
+        n_valid = sum(n_task)
         sums: dict[str, torch.Tensor] = {}
-        for i, batch in enumerate(batches):
+        for i, (task, batch) in enumerate(batches):
             last = i == len(batches) - 1
             with contextlib.ExitStack() as stack:
                 for model in synced if not last else []:
@@ -320,12 +328,18 @@ def train(cfg: RunConfig, resume: bool = False, show_progress: bool = True) -> d
                     terms.pop("task_ce")  # the student's likelihood of its own samples: not a task loss
                 # DDP averages gradients over processes; scaling by world size turns that
                 # average back into the global sum / global valid-token count.
-                acc.backward(loss * world / max(n_valid, 1.0))
+                acc.backward(loss * world * task_w[task] / max(n_task[task], 1.0))
             for k, v in {**terms, "loss": loss}.items():
-                sums[k] = sums.get(k, 0.0) + v.detach().double()
+                name = TASK_NAMES[task] + k
+                sums[name] = sums.get(name, 0.0) + v.detach().double()
         names = sorted(sums)
-        totals = acc.reduce(torch.stack([sums[k] for k in names]), "sum") / max(n_valid, 1.0)
-        record.update(zip(names, totals.tolist()))
+        totals = acc.reduce(torch.stack([sums[k] for k in names]), "sum")
+        for name, total in zip(names, totals.tolist()):
+            task = 1 if name.startswith(TASK_NAMES[1]) else 0
+            record[name] = total / max(n_task[task], 1.0)
+        if len(task_w) > 1:  # L_label + lambda * L_rationale
+            record["label_loss"] = record["loss"]
+            record["loss"] = record["label_loss"] + task_w[1] * record.pop("rationale_loss")
         if not math.isfinite(record["loss"]):
             optimizer.zero_grad(set_to_none=True)
             where = f"last good checkpoint: {last_ckpt}" if last_ckpt else "no checkpoint was saved yet"
@@ -339,7 +353,7 @@ def train(cfg: RunConfig, resume: bool = False, show_progress: bool = True) -> d
         optimizer.zero_grad(set_to_none=True)
 
         step_tokens = acc.reduce(
-            torch.as_tensor(sum(b["attention_mask"].sum() for b in batches), device=acc.device), "sum"
+            torch.as_tensor(sum(b["attention_mask"].sum() for _, b in batches), device=acc.device), "sum"
         ).item()
         tokens_seen += step_tokens
         dt = time.perf_counter() - t0

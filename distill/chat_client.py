@@ -1,0 +1,134 @@
+"""A client for any OpenAI-compatible chat-completions server (vLLM, SGLang, llama.cpp).
+
+Requests go out concurrently (at most `concurrency` in flight), each with a timeout. A 429,
+a 5xx, a dropped connection or a timeout is retried with exponential backoff and jitter
+(a server's Retry-After wins); any other error status stops at once. The API key is read
+from an environment variable, sent as a bearer token and never logged, printed or written.
+"""
+
+import asyncio
+import os
+import random
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import httpx
+
+from distill.errors import DistillError
+
+RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    base_url: str
+    """Up to and including the API version: http://localhost:8000/v1."""
+    model: str
+    """The model name the server knows the teacher by."""
+    api_key_env: str | None = "OPENAI_API_KEY"
+    """Environment variable holding the API key (no Authorization header when unset)."""
+    concurrency: int = 8
+    timeout_s: float = 120.0
+    max_retries: int = 6
+    backoff_s: float = 0.5
+    max_backoff_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class Reply:
+    text: str
+    finish_reason: str | None
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    seconds: float
+    retries: int
+
+
+def _headers(settings: ServerSettings) -> dict[str, str]:
+    key = os.environ.get(settings.api_key_env) if settings.api_key_env else None
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
+def _parse(body: dict) -> tuple[str, str | None, int | None, int | None]:
+    choice = body["choices"][0]
+    text = choice["message"]["content"]
+    if not isinstance(text, str):
+        raise TypeError("message.content is not a string")
+    usage = body.get("usage") or {}
+    return text, choice.get("finish_reason"), usage.get("prompt_tokens"), usage.get("completion_tokens")
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    try:
+        return max(0.0, float(response.headers["retry-after"]))
+    except (KeyError, ValueError):
+        return None
+
+
+async def complete(client: httpx.AsyncClient, settings: ServerSettings, body: dict, what: str) -> Reply:
+    """One chat completion, retried as the module says. `what` names the request in errors."""
+    url = settings.base_url.rstrip("/") + "/chat/completions"
+    t0 = time.perf_counter()
+    for attempt in range(settings.max_retries + 1):
+        wait = None
+        try:
+            response = await client.post(url, json=body)
+        except httpx.TransportError as e:  # refused, dropped mid-reply, timed out
+            why = f"{type(e).__name__}"
+        else:
+            if response.status_code == 200:
+                try:
+                    text, finish, p_tok, c_tok = _parse(response.json())
+                except (ValueError, KeyError, IndexError, TypeError) as e:
+                    why = f"a malformed reply ({type(e).__name__})"
+                else:
+                    return Reply(text, finish, p_tok, c_tok, time.perf_counter() - t0, attempt)
+            elif response.status_code in RETRY_STATUS:
+                why, wait = f"HTTP {response.status_code}", _retry_after(response)
+            else:
+                hint = f" (check the key in ${settings.api_key_env})" if response.status_code in (401, 403) else ""
+                detail = response.text.strip().splitlines()[0][:200] if response.text.strip() else ""
+                raise DistillError(f"{url}: {what}: HTTP {response.status_code}{hint} {detail}".rstrip())
+        if attempt == settings.max_retries:
+            raise DistillError(f"{url}: {what}: gave up after {attempt + 1} attempts; last: {why}")
+        if wait is None:
+            wait = min(settings.max_backoff_s, settings.backoff_s * 2**attempt) * (0.5 + random.random() / 2)
+        await asyncio.sleep(min(wait, settings.max_backoff_s))
+    raise AssertionError("unreachable")
+
+
+async def complete_all(
+    settings: ServerSettings,
+    requests: list[tuple[object, dict]],
+    on_reply: Callable[[object, Reply], Awaitable[None] | None],
+) -> None:
+    """Send every (key, body) request, at most `concurrency` at a time; call on_reply(key,
+    reply) as each one finishes, in completion order. The first request that fails for good
+    cancels the rest and raises its error (replies already handed over stay handed over)."""
+    queue: asyncio.Queue = asyncio.Queue()
+    for item in requests:
+        queue.put_nowait(item)
+    timeout = httpx.Timeout(settings.timeout_s)
+    limits = httpx.Limits(max_connections=settings.concurrency, max_keepalive_connections=settings.concurrency)
+
+    async def worker(client: httpx.AsyncClient) -> None:
+        while True:
+            try:
+                key, body = queue.get_nowait()
+            except asyncio.QueueEmpty:
+                return
+            reply = await complete(client, settings, body, what=str(key))
+            result = on_reply(key, reply)
+            if asyncio.iscoroutine(result):
+                await result
+
+    async with httpx.AsyncClient(headers=_headers(settings), timeout=timeout, limits=limits) as client:
+        workers = [asyncio.create_task(worker(client)) for _ in range(max(1, settings.concurrency))]
+        try:
+            await asyncio.gather(*workers)
+        finally:
+            for w in workers:
+                w.cancel()
+            await asyncio.gather(*workers, return_exceptions=True)
+

@@ -1,0 +1,121 @@
+"""A real chat-completions server on loopback for the tests, backed by a tiny model.
+
+It speaks the OpenAI protocol over real sockets (stdlib ThreadingHTTPServer) and can be
+told to misbehave: each entry of `faults` is used by one request, in order:
+
+    "429"   Too Many Requests, with Retry-After: 0
+    "500"   Internal Server Error
+    "503"   Service Unavailable
+    "drop"  close the connection without a reply
+    "slow"  reply after `slow_s` seconds (past a short client timeout)
+    "401"   Unauthorized (not retryable)
+"""
+
+import json
+import socket
+import threading
+import time
+from collections import deque
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import torch
+
+from distill.rollout import Sampling, rollout
+
+
+class ChatServer:
+    def __init__(self, model, tokenizer, api_key: str | None = None, delay_s: float = 0.0, slow_s: float = 3.0):
+        self.model, self.tokenizer = model, tokenizer
+        self.api_key, self.delay_s, self.slow_s = api_key, delay_s, slow_s
+        self.faults: deque[str] = deque()
+        self.requests: list[dict] = []  # {"headers", "body", "fault"}
+        self.lock = threading.Lock()
+        self.in_flight = self.max_in_flight = 0
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):  # keep the test output clean
+                pass
+
+            def do_POST(self):
+                length = int(self.headers.get("Content-Length", 0))
+                body = json.loads(self.rfile.read(length) or b"{}")
+                with server.lock:
+                    fault = server.faults.popleft() if server.faults else None
+                    server.requests.append({"headers": dict(self.headers), "body": body, "fault": fault})
+                    server.in_flight += 1
+                    server.max_in_flight = max(server.max_in_flight, server.in_flight)
+                try:
+                    server.handle(self, body, fault)
+                finally:
+                    with server.lock:
+                        server.in_flight -= 1
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def reply(self, handler, status: int, obj: dict, headers: dict | None = None) -> None:
+        data = json.dumps(obj).encode()
+        handler.send_response(status)
+        handler.send_header("Content-Type", "application/json")
+        handler.send_header("Content-Length", str(len(data)))
+        for k, v in (headers or {}).items():
+            handler.send_header(k, v)
+        handler.end_headers()
+        handler.wfile.write(data)
+
+    def handle(self, handler, body: dict, fault: str | None) -> None:
+        if handler.path != "/v1/chat/completions":
+            return self.reply(handler, 404, {"error": {"message": f"no route {handler.path}"}})
+        if fault == "drop":
+            handler.close_connection = True
+            handler.connection.shutdown(socket.SHUT_RDWR)
+            return
+        if fault in ("429", "500", "503"):
+            return self.reply(handler, int(fault), {"error": {"message": "injected"}}, {"Retry-After": "0"})
+        if fault == "slow":
+            time.sleep(self.slow_s)
+        if fault == "401" or (self.api_key and handler.headers.get("Authorization") != f"Bearer {self.api_key}"):
+            return self.reply(handler, 401, {"error": {"message": "invalid api key"}})
+        time.sleep(self.delay_s)
+        prompt = body["messages"][-1]["content"]
+        ids = self.tokenizer(prompt, add_special_tokens=False).input_ids
+        sampling = Sampling(int(body.get("max_tokens", 16)), float(body.get("temperature", 1.0)), int(body.get("top_k", 0)), float(body.get("top_p", 1.0)))
+        with self.lock:  # one generation at a time: the tiny model is shared
+            done = rollout(self.model, [ids], sampling, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id, [int(body.get("seed", 0))])
+        text = self.tokenizer.decode(done.completions[0], skip_special_tokens=True)
+        self.reply(handler, 200, {
+            "id": f"chatcmpl-{len(self.requests)}",
+            "object": "chat.completion",
+            "model": body.get("model"),
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                         "finish_reason": "stop" if done.ended[0] else "length"}],
+            "usage": {"prompt_tokens": len(ids), "completion_tokens": len(done.completions[0]),
+                      "total_tokens": len(ids) + len(done.completions[0])},
+        })
+
+
+def tiny_chat_model(seed: int = 0):
+    """A tiny random llama over the built-in task's tokenizer."""
+    from distill.models import load_causal_lm
+    from distill.tasks.tokenizer import chain_tokenizer
+
+    tok = chain_tokenizer()
+    torch.manual_seed(seed)
+    config = {"model_type": "llama", "vocab_size": len(tok), "hidden_size": 32, "intermediate_size": 64,
+              "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+              "max_position_embeddings": 128, "pad_token_id": tok.pad_token_id, "bos_token_id": tok.bos_token_id,
+              "eos_token_id": tok.eos_token_id}
+    return load_causal_lm(config=config), tok
