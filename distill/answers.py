@@ -29,12 +29,21 @@ def normalize(answer: str) -> str:
     return a.lower()
 
 
+LEADING_NUMBER = re.compile(r"\s*\**\s*\$?\s*(-?\d[\d,]*(?:\.\d+)?)(?![\d,]*\.\d)")
+
+
+def _tidy(answer: str) -> str:
+    """A line that starts with a number ("72 apples.", "10. Then ...") answers that number."""
+    m = LEADING_NUMBER.match(answer)
+    return m.group(1) if m else answer.strip(" *")
+
+
 def _after_last(mark: str) -> Callable[[str], tuple[str, str] | None]:
     def split(text: str) -> tuple[str, str] | None:
         if mark not in text:
             return None
         rationale, answer = text.rsplit(mark, 1)
-        answer = answer.strip().splitlines()[0] if answer.strip() else ""
+        answer = _tidy(answer.strip().splitlines()[0]) if answer.strip() else ""
         return (rationale.strip(), answer.strip()) if answer.strip() else None
 
     return split
@@ -56,7 +65,7 @@ def _answer_line(text: str) -> tuple[str, str] | None:
     if not matches:
         return None
     m = matches[-1]
-    return text[: m.start()].strip(), m.group(1).strip(" *")
+    return text[: m.start()].strip(), _tidy(m.group(1))
 
 
 def _regex(pattern: str) -> Callable[[str], tuple[str, str] | None]:

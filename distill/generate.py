@@ -306,6 +306,8 @@ def run_generate(
                 rows.append(make_row(by_key[key], reply, teacher_id, settings))
                 written += 1
                 retries += reply.retries
+                if progress and (written % max(1, len(todo) // 20) == 0 or written == len(todo)):
+                    print(f"generate: {skipped + written}/{len(jobs)} rows, {retries} retries", file=sys.stderr)
 
             asyncio.run(complete_all(server, [(j.key, server_body(server, j, settings)) for j in todo], on_reply))
     finally:

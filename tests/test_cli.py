@@ -4,7 +4,6 @@ import os
 import subprocess
 import sys
 
-import pytest
 import yaml
 
 from conftest import TINY_STUDENT, TINY_TEACHER

@@ -207,3 +207,15 @@ def test_bad_inputs_name_the_place(tmp_path):
     rows.write_text('{"key": "a"}\nnot json\n')
     with pytest.raises(DistillError, match=r"rows.jsonl:2: not a generation row"):
         RowFile(rows)
+
+
+def test_builtin_prompts_carry_gold_answers(teacher_dir, tmp_path):
+    from distill.data import builtin_rows
+
+    greedy = GenerateSettings(temperature=0.0, max_new_tokens=4)
+    summary = run_generate("builtin:chain", tmp_path / "out", greedy, teacher=str(teacher_dir), n=3, progress=False)
+    rows = sorted(read_rows(tmp_path / "out" / "generations.jsonl"), key=lambda r: r["index"])
+    gold = builtin_rows("train", 3, 0, 3, 6)
+    assert summary["rows"] == 3 and [(r["prompt"], r["answer"]) for r in rows] == [(g.prompt, g.answer) for g in gold]
+    with pytest.raises(ConfigError, match="needs --n"):
+        run_generate("builtin:chain", tmp_path / "o2", greedy, teacher=str(teacher_dir), progress=False)
