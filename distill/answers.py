@@ -15,6 +15,7 @@ thousands commas of numbers do not count ("$1,234." == "1234").
 
 import re
 from collections.abc import Callable
+from decimal import Decimal, InvalidOperation
 
 from distill.errors import ConfigError
 
@@ -25,11 +26,15 @@ FORMATS = ("auto", "gsm8k", "boxed", "answer_line", "chain")
 def normalize(answer: str) -> str:
     a = answer.strip().rstrip(".").strip().replace("$", "")
     if NUMBER.fullmatch(a):
-        a = a.replace(",", "")
+        try:  # one spelling per number: "1,234.50" == "1234.5", "18.00" == "18"
+            d = Decimal(a.replace(",", "")).normalize()
+            a = format(d if d != 0 else Decimal(0), "f")
+        except InvalidOperation:
+            a = a.replace(",", "")
     return a.lower()
 
 
-LEADING_NUMBER = re.compile(r"\s*\**\s*\$?\s*(-?\d[\d,]*(?:\.\d+)?)(?![\d,]*\.\d)")
+LEADING_NUMBER = re.compile(r"\s*\**\s*\$?\s*(-?\d[\d,]*(?:\.\d+)?)(?=$|\s|[.,;:!?)*](?:\s|$))")
 
 
 def _tidy(answer: str) -> str:
@@ -38,23 +43,38 @@ def _tidy(answer: str) -> str:
     return m.group(1) if m else answer.strip(" *")
 
 
-def _after_last(mark: str) -> Callable[[str], tuple[str, str] | None]:
-    def split(text: str) -> tuple[str, str] | None:
-        if mark not in text:
-            return None
-        rationale, answer = text.rsplit(mark, 1)
-        answer = _tidy(answer.strip().splitlines()[0]) if answer.strip() else ""
-        return (rationale.strip(), answer.strip()) if answer.strip() else None
+def _gsm8k(text: str) -> tuple[str, str] | None:
+    """'#### 42' on the last non-empty line (a Markdown '#### Step 1' heading above is not one)."""
+    head, _, last = text.rstrip().rpartition("\n")
+    if "####" not in last:
+        return None
+    before, _, answer = last.rpartition("####")
+    if not answer.strip():
+        return None
+    return (head + "\n" + before).strip(), _tidy(answer.strip())
 
-    return split
+
+def _chain(text: str) -> tuple[str, str] | None:
+    """The built-in task: everything after the last '#' is the answer, on one line."""
+    if "#" not in text:
+        return None
+    rationale, answer = text.rsplit("#", 1)
+    answer = answer.strip()
+    return (rationale.strip(), answer) if answer and "\n" not in answer else None
 
 
 def _boxed(text: str) -> tuple[str, str] | None:
-    matches = list(re.finditer(r"\\boxed\{([^{}]*)\}", text))
-    if not matches:
+    """The last \\boxed{...}, braces nested inside it included."""
+    start = text.rfind("\\boxed{")
+    if start < 0:
         return None
-    m = matches[-1]
-    return text[: m.start()].strip(), m.group(1).strip()
+    depth, i = 0, start + len("\\boxed")
+    for j in range(i, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            answer = text[i + 1 : j].strip()
+            return (text[:start].strip(), answer) if answer else None
+    return None
 
 
 _ANSWER_LINE = re.compile(r"\banswer\**\s*(?:is\b\s*:?|[:=])\s*\**\s*([^\n]*)", re.IGNORECASE)
@@ -86,7 +106,7 @@ def _regex(pattern: str) -> Callable[[str], tuple[str, str] | None]:
     return split
 
 
-SPLITTERS = {"gsm8k": _after_last("####"), "boxed": _boxed, "answer_line": _answer_line, "chain": _after_last("#")}
+SPLITTERS = {"gsm8k": _gsm8k, "boxed": _boxed, "answer_line": _answer_line, "chain": _chain}
 
 
 def splitter(fmt: str) -> Callable[[str], tuple[str, str] | None]:
@@ -101,11 +121,15 @@ def splitter(fmt: str) -> Callable[[str], tuple[str, str] | None]:
     return SPLITTERS[fmt]
 
 
-def conclusion(rationale: str) -> str | None:
-    """What a rationale concludes: its last number (the built-in task's last '=value'), or
-    None when it states no number."""
+def consistent(rationale: str, answer: str) -> bool | None:
+    """Does the rationale conclude the stated answer? Its last number, or the result of its
+    last equation ('= 18'), must equal a numeric answer; None when either has no number."""
     numbers = NUMBER.findall(rationale)
-    return numbers[-1] if numbers else None
+    if not numbers or not NUMBER.fullmatch(answer.strip().replace("$", "")):
+        return None
+    results = re.findall(r"=\s*\$?\s*(-?\d[\d,]*(?:\.\d+)?)", rationale)
+    concluded = {normalize(numbers[-1])} | ({normalize(results[-1])} if results else set())
+    return normalize(answer) in concluded
 
 
 def grade(generated: str, answer: str, fmt: str = "chain", direct: bool = False) -> bool:
@@ -114,4 +138,6 @@ def grade(generated: str, answer: str, fmt: str = "chain", direct: bool = False)
     if direct:
         return normalize(generated) == normalize(answer)
     found = splitter(fmt)(generated)
+    if fmt == "chain":  # the built-in task grades exactly: the tail after '#' is the answer
+        return found is not None and found[1] == answer.strip()
     return found is not None and normalize(found[1]) == normalize(answer)

@@ -1,7 +1,7 @@
 """Where the compute went: `budget.json`, one record per phase, summed over resumed runs.
 
     {"phases": {"teacher_generation": {"tokens": ..., "prompt_tokens": ..., "completion_tokens":
-     ..., "flops": ..., "seconds": ..., "requests": ..., "runs": 2}, ...}}
+     ..., "flops": ..., "seconds": ..., "retries": ..., "runs": 2}, ...}}
 
 FLOPs are the usual dense estimate: 2 x parameters per token for a forward pass (6 x with
 the backward), attention's quadratic term left out; null where the parameter count is

@@ -2,7 +2,8 @@
 
 Requests go out concurrently (at most `concurrency` in flight), each with a timeout. A 429,
 a 5xx, a dropped connection or a timeout is retried with exponential backoff and jitter
-(a server's Retry-After wins); any other error status stops at once. The API key is read
+(a server's Retry-After wins). A 400, 413 or 422 refuses that one request (too long a
+prompt, say): it comes back as an error reply; any other error status stops everything. The API key is read
 from an environment variable, sent as a bearer token and never logged, printed or written.
 """
 
@@ -18,6 +19,7 @@ import httpx
 from distill.errors import DistillError
 
 RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
+REFUSED_STATUS = {400, 413, 422}  # this request is refused (too long, bad parameter): an error row, not a stop
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,7 @@ class Reply:
     completion_tokens: int | None
     seconds: float
     retries: int
+    error: str | None = None  # the server refused this request (REFUSED_STATUS)
 
 
 def _headers(settings: ServerSettings) -> dict[str, str]:
@@ -87,8 +90,11 @@ async def complete(client: httpx.AsyncClient, settings: ServerSettings, body: di
             elif response.status_code in RETRY_STATUS:
                 why, wait = f"HTTP {response.status_code}", _retry_after(response)
             else:
-                hint = f" (check the key in ${settings.api_key_env})" if response.status_code in (401, 403) else ""
                 detail = response.text.strip().splitlines()[0][:200] if response.text.strip() else ""
+                if response.status_code in REFUSED_STATUS:
+                    error = f"HTTP {response.status_code} {detail}".rstrip()
+                    return Reply("", "error", 0, 0, time.perf_counter() - t0, attempt, error)
+                hint = f" (check the key in ${settings.api_key_env})" if response.status_code in (401, 403) else ""
                 raise DistillError(f"{url}: {what}: HTTP {response.status_code}{hint} {detail}".rstrip())
         if attempt == settings.max_retries:
             raise DistillError(f"{url}: {what}: gave up after {attempt + 1} attempts; last: {why}")
@@ -100,10 +106,11 @@ async def complete(client: httpx.AsyncClient, settings: ServerSettings, body: di
 
 async def complete_all(
     settings: ServerSettings,
-    requests: list[tuple[object, dict]],
+    requests: list[tuple[object, dict, str]],
     on_reply: Callable[[object, Reply], Awaitable[None] | None],
 ) -> None:
-    """Send every (key, body) request, at most `concurrency` at a time; call on_reply(key,
+    """Send every (key, body, what) request (`what` names it in errors), at most `concurrency`
+    at a time; call on_reply(key,
     reply) as each one finishes, in completion order. The first request that fails for good
     cancels the rest and raises its error (replies already handed over stay handed over)."""
     queue: asyncio.Queue = asyncio.Queue()
@@ -115,10 +122,10 @@ async def complete_all(
     async def worker(client: httpx.AsyncClient) -> None:
         while True:
             try:
-                key, body = queue.get_nowait()
+                key, body, what = queue.get_nowait()
             except asyncio.QueueEmpty:
                 return
-            reply = await complete(client, settings, body, what=str(key))
+            reply = await complete(client, settings, body, what)
             result = on_reply(key, reply)
             if asyncio.iscoroutine(result):
                 await result

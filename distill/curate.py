@@ -3,13 +3,15 @@
 Each generation row is split into (rationale, answer) by an answer format
 (`distill.answers`) and checked, first failing check wins:
 
+    teacher_error     the server refused this prompt (an error row of `distill generate`)
     truncated         the teacher hit max_new_tokens (finish_reason "length")
     no_answer         no answer in the format
     too_short/long    rationale length outside [min_chars, max_chars]
-    inconsistent      the rationale concludes another number than the stated answer
+    inconsistent      the rationale concludes another number than the stated answer (its
+                      last number and its last equation's result both differ)
     wrong_answer      the answer differs from the gold answer (where there is one)
     low_agreement     under min_agreement of the prompt's samples share the majority answer
-    not_majority      the answer is not the prompt's majority vote (self-consistency, n > 1)
+    not_majority      without a gold answer: not the prompt's majority vote (n > 1)
     duplicate         the same prompt, rationale and answer as a kept row (after normalising)
     near_duplicate    MinHash Jaccard of prompt + rationale >= near_dup with a kept row
     surplus_sample    the prompt already has per_prompt kept rows
@@ -21,19 +23,18 @@ counts both.
 """
 
 import json
-import re
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from datasketch import MinHash, MinHashLSH
 
-from distill.answers import conclusion, normalize, splitter
+from distill.answers import consistent, normalize, splitter
 from distill.errors import ConfigError, DistillError
 from distill.paths import atomic_write_json, atomic_write_text
 
 REASONS = (
-    "truncated", "no_answer", "too_short", "too_long", "inconsistent", "wrong_answer",
+    "teacher_error", "truncated", "no_answer", "too_short", "too_long", "inconsistent", "wrong_answer",
     "low_agreement", "not_majority", "duplicate", "near_duplicate", "surplus_sample",
 )
 
@@ -67,7 +68,7 @@ def read_generations(path: Path) -> list[dict]:
     if not path.is_file():
         raise DistillError(f"generations not found: {path}")
     rows = []
-    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+    for lineno, line in enumerate(path.read_text().split("\n"), 1):  # not splitlines: U+2028 is text
         if not line.strip():
             continue
         try:
@@ -96,6 +97,8 @@ def vote(answers: list[str | None]) -> tuple[str | None, float]:
 
 def check(row: dict, s: CurateSettings) -> str | None:
     """The first failing per-row check, or None."""
+    if row.get("finish_reason") == "error":
+        return "teacher_error"
     if row.get("finish_reason") == "length" and not s.keep_truncated:
         return "truncated"
     if row["answer"] is None:
@@ -104,15 +107,15 @@ def check(row: dict, s: CurateSettings) -> str | None:
         return "too_short"
     if s.max_chars is not None and len(row["rationale"]) > s.max_chars:
         return "too_long"
-    if s.check_consistency:
-        concl = conclusion(row["rationale"])
-        if concl is not None and normalize(concl) != row["_norm"] and re.fullmatch(r"-?[\d.,]+", row["_norm"] or ""):
-            return "inconsistent"
-    if s.check_gold and row.get("gold") is not None and normalize(row["gold"]) != row["_norm"]:
+    if s.check_consistency and consistent(row["rationale"], row["answer"]) is False:
+        return "inconsistent"
+    graded = s.check_gold and row.get("gold") is not None
+    if graded and normalize(row["gold"]) != row["_norm"]:
         return "wrong_answer"
     if row["agreement"] < s.min_agreement:
         return "low_agreement"
-    if s.self_consistency and row["n_samples"] > 1 and row["_norm"] != row["majority_answer"]:
+    # Self-consistency stands in for a gold answer: a row that matches its gold answer stays.
+    if s.self_consistency and not graded and row["n_samples"] > 1 and row["_norm"] != row["majority_answer"]:
         return "not_majority"
     return None
 
@@ -155,7 +158,7 @@ def curate(generations: list[dict], s: CurateSettings) -> tuple[list[dict], list
     per_prompt: Counter = Counter()
     # LSH finds candidates at a lower threshold (it misses some pairs near its own); the
     # exact Jaccard of the shingle sets decides.
-    lsh = MinHashLSH(threshold=max(0.5, s.near_dup - 0.2), num_perm=128) if s.near_dup is not None else None
+    lsh = MinHashLSH(threshold=max(0.05, s.near_dup - 0.2), num_perm=128) if s.near_dup is not None else None
     kept_shingles: dict[int, set[bytes]] = {}  # by row number
     for i, r in enumerate(rows):
         reason = check(r, s)

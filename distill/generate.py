@@ -110,7 +110,7 @@ class RowFile:
                 print(f"{self.path}: dropped a half-written last line ({len(data) - len(whole)} bytes)", file=sys.stderr)
                 with open(self.path, "r+b") as f:
                     f.truncate(len(whole))
-            for lineno, line in enumerate(whole.decode().splitlines(), 1):
+            for lineno, line in enumerate(whole.decode().split("\n")[:-1], 1):  # U+2028 is not a line end
                 try:
                     row = json.loads(line)
                     key = row["key"]
@@ -164,6 +164,7 @@ def make_row(job: Job, reply: Reply, teacher: str, s: GenerateSettings) -> dict:
         "completion_tokens": reply.completion_tokens,
         "seconds": round(reply.seconds, 4),
         "retries": reply.retries,
+        **({"error": reply.error} if reply.error else {}),
     }
 
 
@@ -226,10 +227,11 @@ def server_body(settings: ServerSettings, job: Job, s: GenerateSettings) -> dict
     return body
 
 
-def check_settings(out: Path, meta: dict) -> None:
-    """A rerun must ask for what the existing output was written with."""
+def check_settings(out: Path, meta: dict, has_rows: bool) -> None:
+    """A rerun must ask for what the existing rows were written with (with no rows yet, the
+    new settings replace the old: a run that failed at once can be corrected)."""
     path = out / "generate.json"
-    if not path.exists():
+    if not path.exists() or not has_rows:
         atomic_write_json(path, meta)
         return
     old = read_json(path, "generation settings")
@@ -270,9 +272,15 @@ def run_generate(
         "sampling": {k: v for k, v in asdict(settings).items() if k != "system"},
         "system": settings.system,
         "chat_template": chat_template,
+        "dtype": dtype if teacher is not None else None,
     }
     out.mkdir(parents=True, exist_ok=True)
-    check_settings(out, meta)
+    rows = RowFile(out / OUTPUT)
+    try:
+        check_settings(out, meta, has_rows=bool(rows.rows))
+    except BaseException:
+        rows.close()
+        raise
 
     jobs, seen = [], set()
     for p in prompts:
@@ -281,7 +289,6 @@ def run_generate(
             continue  # a repeated prompt is generated once
         seen.add(phash)
         jobs += [Job(p, phash, k, row_seed(settings.seed, phash, k)) for k in range(settings.samples)]
-    rows = RowFile(out / OUTPUT)
     todo = [j for j in jobs if j.key not in rows.keys]
     skipped = len(jobs) - len(todo)
     t0, retries, params = time.perf_counter(), 0, teacher_params
@@ -309,7 +316,8 @@ def run_generate(
                 if progress and (written % max(1, len(todo) // 20) == 0 or written == len(todo)):
                     print(f"generate: {skipped + written}/{len(jobs)} rows, {retries} retries", file=sys.stderr)
 
-            asyncio.run(complete_all(server, [(j.key, server_body(server, j, settings)) for j in todo], on_reply))
+            requests = [(j.key, server_body(server, j, settings), f"prompt {j.prompt.index + 1} sample {j.sample}") for j in todo]
+            asyncio.run(complete_all(server, requests, on_reply))
     finally:
         rows.close()
         seconds = time.perf_counter() - t0

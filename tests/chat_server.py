@@ -4,6 +4,8 @@ It speaks the OpenAI protocol over real sockets (stdlib ThreadingHTTPServer) and
 told to misbehave: each entry of `faults` is used by one request, in order:
 
     "429"   Too Many Requests, with Retry-After: 0
+    "429w"  Too Many Requests, with Retry-After: 0.4 (seconds to wait)
+    "400"   Bad Request (this request is refused; not retryable)
     "500"   Internal Server Error
     "503"   Service Unavailable
     "drop"  close the connection without a reply
@@ -89,6 +91,10 @@ class ChatServer:
             return
         if fault in ("429", "500", "503"):
             return self.reply(handler, int(fault), {"error": {"message": "injected"}}, {"Retry-After": "0"})
+        if fault == "429w":
+            return self.reply(handler, 429, {"error": {"message": "slow down"}}, {"Retry-After": "0.4"})
+        if fault == "400":
+            return self.reply(handler, 400, {"error": {"message": "prompt too long"}})
         if fault == "slow":
             time.sleep(self.slow_s)
         if fault == "401" or (self.api_key and handler.headers.get("Authorization") != f"Bearer {self.api_key}"):

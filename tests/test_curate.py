@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from distill.answers import conclusion, grade, normalize, splitter
+from distill.answers import consistent, grade, normalize, splitter
 from distill.curate import CurateSettings, curate, read_generations, write_curated
 from distill.data import read_jsonl
 from distill.errors import ConfigError, DistillError
@@ -26,6 +26,11 @@ from distill.errors import ConfigError, DistillError
         ("auto", "5*5=25 Answer: 25", ("5*5=25", "25")),
         ("regex:FINAL\\((\\d+)\\)", "a FINAL(3) b FINAL(4)", ("a FINAL(3) b", "4")),
         ("auto", "no answer here", None),
+        ("auto", "#### Step 1\n3+4=7\n#### Final Answer\nThe answer is 7.", ("#### Step 1\n3+4=7\n#### Final Answer\nThe", "7")),
+        ("auto", "### Solution\nso 7 fruits.", None),
+        ("auto", "The answer is 3/4.", ("The", "3/4.")),
+        ("boxed", "\\boxed{5} then \\boxed{2^{10}}", ("\\boxed{5} then", "2^{10}")),
+        ("boxed", "is \\boxed{\\frac{3}{4}}", ("is", "\\frac{3}{4}")),
         ("answer_line", "This answers nothing", None),
     ],
 )
@@ -36,8 +41,13 @@ def test_splitters(fmt, text, expected):
 def test_normalize_conclusion_and_grade():
     assert normalize(" $1,234. ") == normalize("1234") == "1234"
     assert normalize("Paris") == normalize("paris.")
-    assert conclusion("7+3=0*2=0-5=5+8=3") == "3" and conclusion("no numbers") is None
+    assert normalize("18.00") == normalize("18") and normalize("-0.0") == "0" and normalize("1,234.50") == "1234.5"
+    assert consistent("7+3=0*2=0-5=5+8=3", "3") and consistent("7+3=0*2=0-5=5+8=3", "4") is False
+    assert consistent("9*2=18.\n\n**Step 4: Final**\nThe", "18")  # the last equation's result counts
+    assert consistent("no numbers", "3") is None and consistent("2+2=4", "Paris") is None
     assert grade("7+3=0#0", "0") and not grade("7+3=0#1", "0") and not grade("7+3=0", "0")
+    # the built-in task grades as strictly as ever: the whole tail after '#'
+    assert not grade("7+3=0*2=0#0*1=0", "0") and not grade("7+3=0#3 junk", "3") and not grade("7+3=0#3.", "3")
     assert grade(" 42 ", "42", direct=True) and not grade("#42", "42", direct=True)
     with pytest.raises(ConfigError, match="unknown answer format 'nope'"):
         splitter("nope")

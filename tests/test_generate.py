@@ -33,7 +33,9 @@ def teacher_dir(tiny, tmp_path_factory):
 
 
 def write_prompts(path: Path, n: int) -> Path:
-    path.write_text("".join(json.dumps({"prompt": f"Q:{i % 10}+{i // 10}=", "answer": str(i % 7)}) + "\n" for i in range(n)))
+    """Prompts of varied lengths (3 to 9 operations), so batches pad."""
+    prompts = [f"Q:{i % 10}" + "+1*2" * (1 + i % 4) + f"-{i // 10}=" for i in range(n)]
+    path.write_text("".join(json.dumps({"prompt": p, "answer": str(i % 7)}) + "\n" for i, p in enumerate(prompts)))
     return path
 
 
@@ -81,11 +83,26 @@ def test_server_faults_are_retried(tiny, tmp_path, fault):
     assert budget["retries"] == 2
 
 
+def test_retry_after_is_waited_and_a_refused_prompt_is_an_error_row(tiny, tmp_path):
+    prompts = write_prompts(tmp_path / "p.jsonl", 2)
+    one = GenerateSettings(max_new_tokens=4)
+    with ChatServer(*tiny) as server:
+        server.faults.extend(["429w"])
+        t0 = time.perf_counter()
+        run_generate(str(prompts), tmp_path / "a", one, server=fast(server.url, concurrency=1, max_backoff_s=1.0), progress=False)
+        assert time.perf_counter() - t0 >= 0.4  # the server's Retry-After, not the 0.01 s backoff
+        server.faults.extend(["400"])
+        run_generate(str(prompts), tmp_path / "b", one, server=fast(server.url, concurrency=1), progress=False)
+    rows = sorted(read_rows(tmp_path / "b" / "generations.jsonl"), key=lambda r: r["index"])
+    assert rows[0]["finish_reason"] == "error" and rows[0]["error"] == 'HTTP 400 {"error": {"message": "prompt too long"}}'
+    assert rows[1]["finish_reason"] in ("stop", "length") and "error" not in rows[1]
+
+
 def test_server_gives_up_with_one_line(tiny, tmp_path):
     prompts = write_prompts(tmp_path / "p.jsonl", 1)
     with ChatServer(*tiny) as server:
         server.faults.extend(["500"] * 10)
-        with pytest.raises(DistillError, match=r"gave up after 3 attempts; last: HTTP 500") as e:
+        with pytest.raises(DistillError, match=r"prompt 1 sample [01]: gave up after 3 attempts; last: HTTP 500") as e:
             run_generate(str(prompts), tmp_path / "out", SETTINGS, server=fast(server.url, max_retries=2), progress=False)
     assert "\n" not in str(e.value) and server.url in str(e.value)
 
@@ -194,6 +211,23 @@ def test_rerun_with_other_settings_is_refused(teacher_dir, tmp_path):
     with pytest.raises(ConfigError, match=r"generate.json: this output was written with sampling="):
         run_generate(str(prompts), tmp_path / "out", other, teacher=str(teacher_dir), progress=False)
     assert (tmp_path / "out" / "generations.jsonl").read_bytes() == before
+
+
+def test_line_separators_inside_a_row_survive_a_resume(tmp_path):
+    rows = RowFile(tmp_path / "g.jsonl")
+    rows.append({"key": "a", "completion": "line\u2028break\u0085and more"})
+    rows.close()
+    again = RowFile(tmp_path / "g.jsonl")
+    again.close()
+    assert again.keys == {"a"} and again.rows[0]["completion"] == "line\u2028break\u0085and more"
+
+
+def test_a_failed_start_can_be_corrected(teacher_dir, tmp_path):
+    prompts = write_prompts(tmp_path / "p.jsonl", 2)
+    with pytest.raises(DistillError, match="model path not found"):
+        run_generate(str(prompts), tmp_path / "out", SETTINGS, teacher=str(tmp_path / "typo"), progress=False)
+    run_generate(str(prompts), tmp_path / "out", SETTINGS, teacher=str(teacher_dir), progress=False)
+    assert len(read_rows(tmp_path / "out" / "generations.jsonl")) == 4
 
 
 def test_bad_inputs_name_the_place(tmp_path):
