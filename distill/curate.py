@@ -31,7 +31,7 @@ from datasketch import MinHash, MinHashLSH
 
 from distill.answers import consistent, normalize, splitter
 from distill.errors import ConfigError, DistillError
-from distill.paths import atomic_write_json, atomic_write_text
+from distill.paths import atomic_write_json, atomic_write_text, jsonl_objects
 
 REASONS = (
     "teacher_error", "truncated", "no_answer", "too_short", "too_long", "inconsistent", "wrong_answer",
@@ -65,19 +65,11 @@ def read_generations(path: Path) -> list[dict]:
     path = Path(path)
     if path.is_dir():
         path = path / "generations.jsonl"
-    if not path.is_file():
-        raise DistillError(f"generations not found: {path}")
     rows = []
-    for lineno, line in enumerate(path.read_text().split("\n"), 1):  # not splitlines: U+2028 is text
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DistillError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+    for where, row in jsonl_objects(path, "generations"):
         missing = [k for k in ("prompt", "completion") if not isinstance(row.get(k), str)]
         if missing:
-            raise DistillError(f"{path}:{lineno}: a generation row needs string {', '.join(map(repr, missing))}")
+            raise DistillError(f"{where}: a generation row needs string {', '.join(map(repr, missing))}")
         row.setdefault("prompt_hash", row["prompt"])
         rows.append(row)
     if not rows:

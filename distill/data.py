@@ -6,7 +6,6 @@ pure function of (seed, step), so a resumed or multi-process run sees exactly th
 an uninterrupted single-process run would.
 """
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import torch
 
 from distill.errors import DistillError
 from distill.losses import IGNORE_INDEX
+from distill.paths import jsonl_objects
 from distill.tasks import chain
 
 
@@ -35,32 +35,19 @@ def builtin_rows(split: str, n: int, seed: int, min_ops: int, max_ops: int) -> l
 
 def read_jsonl(path: str | Path) -> list[Row]:
     """Read prompt/completion rows; a bad line is an error naming the file and line."""
-    path = Path(path)
-    if not path.is_file():
-        raise DistillError(f"dataset file not found: {path}")
     rows = []
-    with path.open() as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DistillError(f"{where}: not valid JSON ({e.msg})") from None
-            if not isinstance(obj, dict):
-                raise DistillError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-            if "completion" not in obj and "text" not in obj:
-                raise DistillError(f"{where}: a row needs 'completion' (with 'prompt') or 'text'")
-            completion = obj.get("completion", obj.get("text"))
-            prompt = obj.get("prompt", "")
-            answer, rationale = obj.get("answer"), obj.get("rationale")
-            for key, val in (("prompt", prompt), ("completion", completion), ("rationale", rationale or "")):
-                if not isinstance(val, str):
-                    raise DistillError(f"{where}: '{key}' must be a string, got {type(val).__name__}")
-            if not completion:
-                raise DistillError(f"{where}: empty completion")
-            rows.append(Row(prompt, completion, None if answer is None else str(answer), rationale))
+    for where, obj in jsonl_objects(path, "dataset file"):
+        if "completion" not in obj and "text" not in obj:
+            raise DistillError(f"{where}: a row needs 'completion' (with 'prompt') or 'text'")
+        completion = obj.get("completion", obj.get("text"))
+        prompt = obj.get("prompt", "")
+        answer, rationale = obj.get("answer"), obj.get("rationale")
+        for key, val in (("prompt", prompt), ("completion", completion), ("rationale", rationale or "")):
+            if not isinstance(val, str):
+                raise DistillError(f"{where}: '{key}' must be a string, got {type(val).__name__}")
+        if not completion:
+            raise DistillError(f"{where}: empty completion")
+        rows.append(Row(prompt, completion, None if answer is None else str(answer), rationale))
     if not rows:
         raise DistillError(f"{path}: the dataset is empty")
     return rows

@@ -30,7 +30,7 @@ import torch
 from distill.budget import forward_flops, record_phase
 from distill.chat_client import Reply, ServerSettings, complete_all
 from distill.errors import ConfigError, DistillError
-from distill.paths import atomic_write_json, read_json
+from distill.paths import atomic_write_json, jsonl_objects, read_json
 from distill.rollout import Sampling, rollout
 
 OUTPUT = "generations.jsonl"
@@ -65,25 +65,16 @@ def read_prompts(source: str, n: int | None) -> list[Prompt]:
         if n is None:
             raise ConfigError("--prompts builtin:chain needs --n (how many training prompts)")
         return [Prompt(i, r.prompt, r.answer) for i, r in enumerate(builtin_rows("train", n, 0, 3, 6))]
-    path = Path(source)
-    if not path.is_file():
-        raise DistillError(f"prompt file not found: {path}")
     out = []
-    for lineno, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DistillError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-        if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str) or not obj["prompt"].strip():
-            raise DistillError(f"{path}:{lineno}: a row needs a non-empty string 'prompt'")
+    for where, obj in jsonl_objects(source, "prompt file"):
+        if not isinstance(obj.get("prompt"), str) or not obj["prompt"].strip():
+            raise DistillError(f"{where}: a row needs a non-empty string 'prompt'")
         answer = obj.get("answer")
         out.append(Prompt(len(out), obj["prompt"], None if answer is None else str(answer)))
         if n is not None and len(out) == n:
             break
     if not out:
-        raise DistillError(f"{path}: no prompts")
+        raise DistillError(f"{source}: no prompts")
     return out
 
 

@@ -40,3 +40,27 @@ def read_json(path: Path, what: str):
 
 def atomic_write_json(path: Path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def jsonl_objects(path: Path, what: str):
+    """Yield (where, object) for each non-empty line of a JSONL file, `where` being "file:line".
+
+    A missing file, a line that is not JSON or not a JSON object is a DistillError naming it.
+    Lines end at "\\n" only: a U+2028 inside a string is text, not a line end.
+    """
+    from distill.errors import DistillError
+
+    path = Path(path)
+    if not path.is_file():
+        raise DistillError(f"{what} not found: {path}")
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").split("\n"), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DistillError(f"{where}: not valid JSON ({e.msg})") from None
+        if not isinstance(obj, dict):
+            raise DistillError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+        yield where, obj
