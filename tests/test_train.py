@@ -159,13 +159,18 @@ def test_fused_path_trains_like_the_naive_path(tiny_tree, tmp_path, name):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("feature_weight", "lmbda"), [(0.0, 0.0), (0.5, 0.0), (0.0, 0.5)])
-def test_two_processes_match_one(tiny_tree, tmp_path, feature_weight, lmbda):
+@pytest.mark.parametrize(
+    ("feature_weight", "lmbda", "mode"),
+    [(0.0, 0.0, "completion"), (0.5, 0.0, "completion"), (0.0, 0.5, "completion"), (0.0, 0.0, "multitask")],
+)
+def test_two_processes_match_one(tiny_tree, tmp_path, feature_weight, lmbda, mode):
     """DDP over 2 CPU processes (gloo) takes the same steps as one process, same global batch
     (with the feature term: the projectors are a second DDP model; on-policy: every rank
-    makes the same lambda draw, and each row's sample depends on its own seed only)."""
+    makes the same lambda draw, and each row's sample depends on its own seed only;
+    multitask: each task's valid tokens are counted over both processes)."""
     tiny_tree["features"] = {"weight": feature_weight}
     tiny_tree["on_policy"] = {"lmbda": lmbda, "max_new_tokens": 12}
+    tiny_tree["rationale"] = {"mode": mode, "weight": 0.7}
     one, two = copy.deepcopy(tiny_tree), copy.deepcopy(tiny_tree)
     one["out_dir"], two["out_dir"] = str(tmp_path / "one"), str(tmp_path / "two")
     one["train"].update(micro_batch_size=4, grad_accum=2)
@@ -174,7 +179,7 @@ def test_two_processes_match_one(tiny_tree, tmp_path, feature_weight, lmbda):
     cfg = tmp_path / "two.yaml"
     cfg.write_text(yaml.safe_dump(two))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(29517 + int(feature_weight * 10) + int(lmbda * 100))]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(29517 + int(feature_weight * 10) + int(lmbda * 100) + 7 * (mode == "multitask"))]
     proc = subprocess.run(
         [*cmd, "-m", "distill", "train", str(cfg), "--no-eval"], env=env, capture_output=True, text=True, timeout=300
     )
@@ -187,6 +192,8 @@ def test_two_processes_match_one(tiny_tree, tmp_path, feature_weight, lmbda):
         assert y.get("on_policy") == x.get("on_policy") and y.get("generated_tokens") == x.get("generated_tokens")
         if feature_weight:
             assert y["feature"] == pytest.approx(x["feature"], abs=1e-5, rel=0)
+        if mode == "multitask":
+            assert y["rationale_task_ce"] == pytest.approx(x["rationale_task_ce"], abs=1e-5, rel=0)
     w1, w2 = _weights(one["out_dir"]), _weights(two["out_dir"])
     for k in w1:
         torch.testing.assert_close(w2[k], w1[k], atol=1e-5, rtol=0)
