@@ -43,11 +43,22 @@ def train(
 def evaluate(
     path: Annotated[str, typer.Argument(help="A run directory or a save_pretrained model folder.")],
     config: Annotated[str | None, typer.Option(help="Run config for the data (default: the run's own).")] = None,
+    gates: Annotated[bool, typer.Option("--gates", help="Check the config's release gates: table on stderr, exit 3 on a failure.")] = False,
 ):
-    """Evaluate a student on the held-out split and write eval.json."""
+    """Evaluate a student on the held-out split (against its teacher when the run has one); write eval.json."""
+    from rich.console import Console
+
+    from distill.gates import GateFailure, gates_table
     from distill.runner import run_eval
 
-    typer.echo(json.dumps(run_eval(path, config), indent=2))
+    result = run_eval(path, config, gates=gates)
+    typer.echo(json.dumps(result, indent=2))
+    if gates:
+        report = result["gates"]
+        Console(stderr=True).print(gates_table(report))
+        failed = [r["metric"] for r in report["results"] if not r["passed"]]
+        if failed:
+            raise GateFailure(f"{len(failed)} of {len(report['results'])} release gates failed: {', '.join(failed)}")
 
 
 @app.command()
@@ -150,6 +161,32 @@ def curate(
         table.add_row(f"rejected: {reason}", str(count))
     Console(stderr=True).print(table)
     typer.echo(json.dumps({"out": str(target), **{k: v for k, v in summary.items() if k != "settings"}}, indent=2))
+
+
+@app.command()
+def report(
+    runs: Annotated[list[str], typer.Argument(help="Run directories, shown side by side.")],
+    out: Annotated[str, typer.Option(help="The HTML file to write.")] = "report.html",
+):
+    """One self-contained HTML report of runs: losses, eval metrics, reliability, gates, budget."""
+    from distill.report import write_report
+
+    typer.echo(str(write_report([Path(r) for r in runs], Path(out))))
+
+
+@app.command()
+def latents(
+    runs: Annotated[list[str] | None, typer.Argument(help="Run directories with latents/ (a teacher model and features.probe_examples > 0).")] = None,
+    out: Annotated[str, typer.Option(help="The HTML file to write.")] = "latents.html",
+    simulate: Annotated[bool, typer.Option("--simulate", help="Draw the toy simulation instead of runs (no model needed).")] = False,
+    pair: Annotated[int | None, typer.Option(help="Layer pair to draw (index into the probe's pairs; default the last).")] = None,
+):
+    """An interactive page of the students' states in the teacher's latent space, over checkpoints."""
+    from distill.report.latents import write_latent_page
+
+    if not simulate and not runs:
+        raise DistillError("give run directories, or --simulate for the toy version")
+    typer.echo(str(write_latent_page([Path(r) for r in runs or []], Path(out), simulate=simulate, pair=pair)))
 
 
 @app.command()

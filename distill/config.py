@@ -7,13 +7,17 @@ expected and the nearest valid key (ConfigError, exit code 2), before anything i
 """
 
 import difflib
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, create_model
+from pydantic import field_validator, model_serializer, model_validator
 
 from distill.errors import ConfigError
+from distill.gates import METRICS as GATE_METRICS
+from distill.gates import parse_gate
 
 
 class Section(BaseModel):
@@ -233,6 +237,18 @@ class EvalConfig(Section):
     answer_format: str = "auto"
     """Where the answer is in a generation (`distill.answers`): auto, gsm8k, boxed,
     answer_line, chain or regex:PATTERN. The built-in task always uses chain."""
+    teacher: bool = True
+    """Also evaluate the run's teacher (when it has one) and compare: top-1 agreement,
+    held-out divergences, the teacher's accuracy and loss, generation length drift."""
+    calibration_bins: int = Field(15, ge=1)
+    """Equal-width confidence bins of the expected calibration error."""
+    refusal_patterns: list[str] = [r"\bI can(?:'|’)?t\b", r"\bI cannot\b", r"\bI(?:'|’)m sorry\b", r"\bAs an AI\b"]
+    """Regular expressions (searched, case-insensitive) that mark a generation as a refusal."""
+    format_regex: str | None = None
+    """A regular expression every generation should match whole (format adherence); null:
+    not checked (the built-in task checks its own format: steps, '#', one digit)."""
+    format_json_schema: dict[str, Any] | None = None
+    """A JSON schema every generation should parse as and validate against (format adherence)."""
 
     @field_validator("answer_format")
     @classmethod
@@ -244,6 +260,52 @@ class EvalConfig(Section):
         except ConfigError as e:
             raise ValueError(str(e)) from None
         return value
+
+    @field_validator("refusal_patterns", "format_regex", "format_json_schema")
+    @classmethod
+    def _valid_format(cls, value, info: ValidationInfo):
+        from jsonschema import SchemaError, validators
+
+        if value is None:
+            return value
+        if info.field_name == "format_json_schema":
+            try:
+                validators.validator_for(value).check_schema(value)
+            except SchemaError as e:
+                raise ValueError(f"not a valid JSON schema ({e.message})") from None
+            return value
+        for pattern in [value] if isinstance(value, str) else value:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ValueError(f"{pattern!r} is not a valid regular expression ({e})") from None
+        return value
+
+
+class _Gates(Section):
+    """Release gates checked by `distill eval --gates` (`distill.gates`): metric -> an operator
+    (>=, <=, >, <, ==) then a number, 'teacher' or 'NUMBER * teacher'. Unset gates are off."""
+
+    @field_validator("*")
+    @classmethod
+    def _parses(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None:
+            parse_gate(info.field_name, value)
+        return value
+
+    @model_serializer(mode="wrap")
+    def _set_only(self, handler):
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+    def expressions(self) -> dict[str, str]:
+        """The gates that are set: metric -> expression."""
+        return {k: v for k, v in self.model_dump().items() if v is not None}
+
+
+# One optional expression per gate metric, documented where the metrics are (distill.gates).
+GatesConfig = create_model(
+    "GatesConfig", __base__=_Gates, **{m: (str | None, Field(None, description=d)) for m, (_, _, d) in GATE_METRICS.items()}
+)
 
 
 class RunConfig(Section):
@@ -266,6 +328,8 @@ class RunConfig(Section):
     """A directory written by `distill cache` for this data and temperature: the KD term then
     uses the cached top-k teacher distribution (sparse divergence) and no teacher model is
     loaded. A cache of another tokenizer, dataset or temperature is refused."""
+    gates: GatesConfig = GatesConfig()
+    """Release gates on the evaluation's metrics (`distill eval --gates`)."""
     out_dir: str = "runs/run"
     """The run directory."""
 

@@ -17,6 +17,7 @@ run writes what an uninterrupted one would have.
 """
 
 import asyncio
+import concurrent.futures
 import hashlib
 import json
 import os
@@ -308,13 +309,24 @@ def run_generate(
                     print(f"generate: {skipped + written}/{len(jobs)} rows, {retries} retries", file=sys.stderr)
 
             requests = [(j.key, server_body(server, j, settings), f"prompt {j.prompt.index + 1} sample {j.sample}") for j in todo]
-            asyncio.run(complete_all(server, requests, on_reply))
+            run_coroutine(complete_all(server, requests, on_reply))
     finally:
         rows.close()
         seconds = time.perf_counter() - t0
         totals = token_totals(rows.rows, params)
         record_phase(out / "budget.json", "teacher_generation", add={"seconds": seconds, "retries": retries}, totals=totals)
     return {"out": str(out), "rows": len(rows.rows), "written": written, "already_there": skipped, "seconds": seconds, **totals}
+
+
+def run_coroutine(coro):
+    """asyncio.run, also from a thread whose event loop is already running (a notebook, or a
+    Playwright session): then the coroutine runs to completion on a worker thread."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(asyncio.run, coro).result()
 
 
 def token_totals(rows: list[dict], params: int | None) -> dict:

@@ -28,12 +28,14 @@ size or sha256 does not match the manifest is named in the error and never used.
 import hashlib
 import json
 import os
+import time
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
+from distill.budget import forward_flops, record_phase
 from distill.data import Example, collate
 from distill.errors import DistillError
 from distill.losses import IGNORE_INDEX
@@ -253,9 +255,12 @@ def write_teacher_cache(
     """Run cfg.teacher over cfg.data's training examples once; write (or finish) the cache.
 
     Returns the manifest. The temperature is cfg.objective.temperature: the cached
-    log-probabilities are at the loss temperature, so a run must use the same one.
+    log-probabilities are at the loss temperature, so a run must use the same one. The
+    teacher's pass is recorded as phase teacher_caching of OUT/budget.json (tokens read,
+    2 x params x tokens FLOPs, seconds; a resumed cache adds to it).
     """
     from distill.build import build_examples, build_model, build_tokenizer, model_id
+    from distill.models import count_parameters
     from distill.progress import Progress
 
     if cfg.teacher is None:
@@ -285,6 +290,7 @@ def write_teacher_cache(
         teacher = build_model(cfg.teacher, tokenizer, "teacher", cfg.train.seed + 1)
         device = torch.device("cuda" if torch.cuda.is_available() and cfg.train.device == "auto" else "cpu")
         teacher.to(device).eval()
+        t0, read = time.perf_counter(), 0
         counts = target_counts(examples)
         done = writer.n_shards - len(todo)
         progress = Progress(writer.n_shards, done, enabled=show_progress, label="cache")
@@ -294,7 +300,11 @@ def write_teacher_cache(
                 teacher, examples[lo:hi], tokenizer.pad_token_id, vocab, top_k, cfg.objective.temperature, batch_size
             )
             writer.write_shard(index, counts[lo:hi], ids, logprobs, rest)
+            read += sum(len(e.input_ids) for e in examples[lo:hi])
             done += 1
             progress.update(done, float("nan"), 0.0)
         progress.close()
+        seconds = time.perf_counter() - t0
+        add = {"tokens": read, "flops": forward_flops(count_parameters(teacher), read), "seconds": seconds}
+        record_phase(Path(out) / "budget.json", "teacher_caching", add=add)
     return read_manifest(Path(out))

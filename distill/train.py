@@ -19,6 +19,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
 
 from distill.alignment import AlignmentProbe, Probe
+from distill.budget import record_training
 from distill.build import build_models, build_rows, build_task_examples, build_teacher_cache, output_size
 from distill.config import RunConfig, dump_config
 from distill.data import IGNORE_INDEX, collate, global_batch_indices, micro_batches, tokenize_rows
@@ -274,7 +275,7 @@ def train(cfg: RunConfig, resume: bool = False, show_progress: bool = True) -> d
     t_head = teacher.get_output_embeddings() if teacher is not None else None
     student.train()
     progress = Progress(t.steps, start, enabled=show_progress and acc.is_main_process)
-    tokens_seen, t_start = 0, time.perf_counter()
+    tokens_seen, teacher_total, t_start = 0, 0.0, time.perf_counter()
     for step in range(start, t.steps):
         t0 = time.perf_counter()
         indices = global_batch_indices(step, len(examples), global_batch, t.seed)
@@ -356,6 +357,7 @@ def train(cfg: RunConfig, resume: bool = False, show_progress: bool = True) -> d
             torch.as_tensor(sum(b["attention_mask"].sum() for _, b in batches), device=acc.device), "sum"
         ).item()
         tokens_seen += step_tokens
+        teacher_total += teacher_s
         dt = time.perf_counter() - t0
         record.update(step=step + 1, lr=lr, grad_norm=grad_norm, valid_tokens=n_valid, tokens_per_s=step_tokens / dt)
         record.update(step_s=dt, **({"teacher_s": teacher_s} if teacher is not None else {}))
@@ -394,5 +396,7 @@ def train(cfg: RunConfig, resume: bool = False, show_progress: bool = True) -> d
         summary["alignment"] = {k: v for k, v in alignment.items() if k != "pairs"}
     if acc.is_main_process:
         atomic_write_json(run_dir / "train_summary.json", summary)
+        t_params = count_parameters(teacher) if teacher is not None else None
+        record_training(run_dir, cfg, n_params, t_params, tokens_seen, wall, teacher_total)
     return summary
 

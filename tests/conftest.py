@@ -4,6 +4,8 @@ from pathlib import Path
 
 import pytest
 
+pytest_plugins = ["browser"]  # the headless-chromium fixtures: browser, open_page
+
 TINY_STUDENT = {
     "model_type": "llama",
     "hidden_size": 32,

@@ -253,3 +253,19 @@ def test_builtin_prompts_carry_gold_answers(teacher_dir, tmp_path):
     assert summary["rows"] == 3 and [(r["prompt"], r["answer"]) for r in rows] == [(g.prompt, g.answer) for g in gold]
     with pytest.raises(ConfigError, match="needs --n"):
         run_generate("builtin:chain", tmp_path / "o2", greedy, teacher=str(teacher_dir), progress=False)
+
+
+def test_server_generation_from_inside_a_running_event_loop(tiny, tmp_path):
+    """As in a notebook: run_generate called while this thread's event loop runs (on a
+    thread of its own, since a Playwright session may hold the main thread's loop)."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    prompts = write_prompts(tmp_path / "p.jsonl", 2)
+
+    async def inside():
+        with ChatServer(*tiny) as server:
+            return run_generate(str(prompts), tmp_path / "out", SETTINGS, server=fast(server.url), progress=False)
+
+    with ThreadPoolExecutor(1) as pool:
+        assert pool.submit(asyncio.run, inside()).result()["rows"] == 4

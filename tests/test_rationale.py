@@ -113,7 +113,10 @@ def test_multitask_with_kd_and_label_task_evaluation(tiny_tree):
 def test_answer_only_grades_the_whole_output(tiny_tree, monkeypatch):
     import distill.evaluate as ev
 
-    monkeypatch.setattr(ev, "generate_greedy", lambda model, tok, prompts, *a: ["7"] * len(prompts))
+    def sevens(model, tok, prompts, *a):
+        return [ev.Generation("7", [tok.convert_tokens_to_ids("7"), tok.eos_token_id], [0.0, 0.0], 0)] * len(prompts)
+
+    monkeypatch.setattr(ev, "generate_greedy_ids", sevens)
     tree = copy.deepcopy(tiny_tree)
     tree["rationale"] = {"mode": "answer_only"}
     tree["objective"]["alpha"] = 0.0

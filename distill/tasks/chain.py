@@ -21,6 +21,9 @@ from dataclasses import dataclass
 
 OPS = {"+": lambda a, b: (a + b) % 10, "-": lambda a, b: (a - b) % 10, "*": lambda a, b: (a * b) % 10}
 ANSWER_MARK = "#"
+# A well-formed generation: the start digit, steps "<op><digit>=<digit>", '#', one digit.
+FORMAT_REGEX = r"\d(?:[-+*]\d=\d)*#\d"
+ANSWER_REGEX = r"\d"  # the label task's whole output: the answer digit alone
 
 
 @dataclass(frozen=True)
