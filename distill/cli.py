@@ -221,7 +221,7 @@ def demo(
     out: Annotated[str, typer.Option(help="Where the demo's runs go.")] = "distill-demo",
     seed: Annotated[int, typer.Option(help="Seed of the students' training.")] = 0,
 ):
-    """Offline end-to-end demo: teacher, logit-KD student, label-only student, one table."""
+    """Offline end-to-end demo: teacher, logit-KD student, label-only student, a table and report.html."""
     from distill.demo import run_demo
 
     run_demo(Path(out), seed=seed)

@@ -1,4 +1,5 @@
-"""`distill demo`: a teacher, a logit-KD student and a label-only student, one table.
+"""`distill demo`: a teacher, a logit-KD student and a label-only student, one table and
+one HTML report (DEMO/report.html).
 
 Offline and on CPU: the teacher is a small llama trained on the built-in task (cached on
 disk, keyed by its config), the students have about a tenth of its parameters and the
@@ -18,6 +19,7 @@ from distill import __version__
 from distill.config import RunConfig, build_config, dump_config, read_yaml
 from distill.errors import DistillError
 from distill.paths import atomic_write_json, cache_root
+from distill.report import write_report
 from distill.runner import run_training
 
 
@@ -112,5 +114,8 @@ def run_demo(out: Path, seed: int = 0) -> dict:
     for name, _, _, path in rows:
         out_console.print(f"{name:>22}: {path}", soft_wrap=True)
     out.mkdir(parents=True, exist_ok=True)
+    report = write_report([p for _, _, _, p in rows], out / "report.html", names=["teacher", "student-kd", "student-labels"])
+    out_console.print(f"{'report':>22}: {report}", soft_wrap=True)
+    summary["report"] = str(report)
     atomic_write_json(out / "demo.json", summary)
     return summary

@@ -51,6 +51,8 @@ def test_demo_runs_caches_teacher_and_prints_table(tiny_demo, capsys):
     for name in ("teacher", "student, logit KD", "student, labels only"):
         assert name in printed and name in summary["runs"]
     assert json.loads((out / "demo.json").read_text()) == summary
+    page = (out / "report.html").read_text()
+    assert summary["report"] == str(out / "report.html") and "student-labels" in page and "Plotly" in page
     kd_dir, lab_dir = out / "student-kd", out / "student-labels"
     assert read_yaml(kd_dir / "config.yaml")["objective"]["alpha"] == 0.5
     assert read_yaml(lab_dir / "config.yaml")["teacher"] is None
