@@ -120,3 +120,14 @@ def test_train_then_resume_and_eval_from_cli(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert '"accuracy"' in proc.stdout
     one_line_error(run_cli("train", str(p)), 1, "already holds a run")
+
+
+def test_report_and_latents_commands(tmp_path):
+    proc = run_cli("latents", "--simulate", "--out", str(tmp_path / "toy.html"))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == str(tmp_path / "toy.html") and "Plotly" in (tmp_path / "toy.html").read_text()
+    one_line_error(run_cli("latents", "--out", str(tmp_path / "x.html")), 1, "give run directories, or --simulate")
+    (tmp_path / "notarun").mkdir()
+    one_line_error(run_cli("report", str(tmp_path / "notarun"), "--out", str(tmp_path / "r.html")), 1, "not a run directory")
+    one_line_error(run_cli("latents", str(tmp_path / "notarun")), 1, "notarun")
+    assert not (tmp_path / "r.html").exists() and not (tmp_path / "x.html").exists()
