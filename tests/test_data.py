@@ -95,3 +95,14 @@ def test_jsonl_rows(tmp_path):
     assert rows[1].answer == "4"
     with pytest.raises(DistillError, match="dataset file not found"):
         read_jsonl(tmp_path / "missing.jsonl")
+
+
+def test_atomic_writes_get_ordinary_permissions(tmp_path):
+    import os
+
+    from distill.paths import atomic_write_text
+
+    atomic_write_text(tmp_path / "a.txt", "x")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o666 & ~mask
