@@ -1,7 +1,7 @@
 """Where the compute went: `budget.json`, one record per phase, summed over resumed runs.
 
     {"phases": {"teacher_generation": {"tokens": ..., "prompt_tokens": ..., "completion_tokens":
-     ..., "flops": ..., "seconds": ..., "retries": ..., "runs": 2, "share_seconds": 0.4,
+     ..., "flops": ..., "seconds": ..., "retries": ..., "records": 2, "share_seconds": 0.4,
      "share_flops": 0.7}, ...},
      "total": {"seconds": ..., "flops": ..., "tokens": ...}}
 
@@ -35,8 +35,8 @@ def record_phase(path: Path, phase: str, add: dict | None = None, totals: dict |
     """
     path = Path(path)
     tree = read_json(path, "budget file") if path.exists() else {"phases": {}}
-    record = tree["phases"].setdefault(phase, {"runs": 0})
-    record["runs"] += 1
+    record = tree["phases"].setdefault(phase, {"records": 0})
+    record["records"] += 1  # a run records at each checkpoint, a cache at each shard
     for key, value in (add or {}).items():
         old = record.get(key, 0)
         record[key] = None if old is None or value is None else old + value

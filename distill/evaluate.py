@@ -156,7 +156,10 @@ def answer_confidence(gen: Generation, tokenizer, split=None) -> float:
     body = len(gen.ids) - (1 if gen.ids and gen.ids[-1] == eos else 0)
     lo, hi = (0, body) if body > 0 else (0, len(gen.ids))
     found = split(gen.text) if split is not None else None
-    start = gen.text.rfind(found[1]) if found is not None else -1
+    start = -1
+    if found is not None:  # the answer where the splitter found it: the first after the rationale
+        after = gen.text.find(found[0]) + len(found[0]) if found[0] else 0
+        start = gen.text.find(found[1], after)
     if start >= 0:
         lo, hi = metrics.token_span(_PrefixEnds(tokenizer, gen.ids), start, start + len(found[1]))
     return metrics.span_confidence(gen.logprobs, lo, hi)

@@ -12,6 +12,7 @@ results and exits with code 3 when a gate fails; a gate whose metric is missing 
 evaluation (no teacher, no gold answers, no format set) fails with its reason.
 """
 
+import math
 import operator
 import re
 from dataclasses import dataclass
@@ -104,11 +105,16 @@ def check_gates(gates: dict[str, str], result: dict) -> dict:
         entry = {"metric": metric, "expr": expr, "value": value, "threshold": None, "passed": False}
         reference = (result.get("teacher") or {}).get(metric) if gate.relative else 1.0
         if reference is None:
-            entry["reason"] = f"no teacher {metric}: the run has no teacher to compare with"
+            entry["reason"] = (
+                f"no teacher {metric} in this evaluation (the run has no teacher, eval.teacher is false, "
+                f"or no held-out row has a gold answer)"
+            )
         else:
             entry["threshold"] = gate.factor * reference
             if value is None:
                 entry["reason"] = f"{metric} was not measured in this evaluation"
+            elif not (math.isfinite(value) and math.isfinite(entry["threshold"])):
+                entry["reason"] = f"{metric} {value} against {entry['threshold']}: not a finite comparison"
             else:
                 entry["passed"] = bool(OPERATORS[gate.op](value, entry["threshold"]))
         results.append(entry)

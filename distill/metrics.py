@@ -26,7 +26,9 @@ EVAL_DIVERGENCES: dict[str, dict[str, float]] = {"forward_kl": {}, "reverse_kl":
 
 
 def perplexity(ce: float) -> float:
-    """exp(ce) of a mean cross-entropy in nats; inf where exp overflows a float."""
+    """exp(ce) of a mean cross-entropy in nats; inf where exp overflows a float; NaN for NaN."""
+    if math.isnan(ce):
+        return math.nan
     return math.exp(ce) if ce < 709.0 else math.inf
 
 

@@ -3,6 +3,8 @@
 import os
 from pathlib import Path
 
+import torch
+
 from distill.budget import record_phase
 from distill.build import build_model, build_rows, build_tokenizer, output_size
 from distill.config import RunConfig, load_config
@@ -53,6 +55,8 @@ def evaluate_run(cfg: RunConfig, model, tokenizer, run_dir: Path | None) -> dict
         return {"n": 0, **({"gates": check_gates(gates, {})} if gates else {})}
     fmt = "chain" if cfg.data.source == "builtin:chain" else cfg.eval.answer_format
     direct = cfg.rationale.mode != "completion"
+    if torch.cuda.is_available() and cfg.train.device == "auto":
+        model.to("cuda")  # the teacher follows the student's device
     teacher, t_tok, vocab = load_eval_teacher(cfg, tokenizer, model)
     result, usage = evaluate_rows(
         model, tokenizer, rows, cfg.eval, cfg.data.max_length, fmt, direct, default_format_regex(cfg), teacher, t_tok, vocab

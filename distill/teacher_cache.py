@@ -290,21 +290,22 @@ def write_teacher_cache(
         teacher = build_model(cfg.teacher, tokenizer, "teacher", cfg.train.seed + 1)
         device = torch.device("cuda" if torch.cuda.is_available() and cfg.train.device == "auto" else "cpu")
         teacher.to(device).eval()
-        t0, read = time.perf_counter(), 0
+        params = count_parameters(teacher)
         counts = target_counts(examples)
         done = writer.n_shards - len(todo)
         progress = Progress(writer.n_shards, done, enabled=show_progress, label="cache")
         for index in todo:
+            t0 = time.perf_counter()
             lo, hi = index * shard_examples, min((index + 1) * shard_examples, len(examples))
             ids, logprobs, rest = teacher_topk(
                 teacher, examples[lo:hi], tokenizer.pad_token_id, vocab, top_k, cfg.objective.temperature, batch_size
             )
             writer.write_shard(index, counts[lo:hi], ids, logprobs, rest)
-            read += sum(len(e.input_ids) for e in examples[lo:hi])
+            # Recorded shard by shard: a killed and resumed cache counts every shard once.
+            read = sum(len(e.input_ids) for e in examples[lo:hi])
+            add = {"tokens": read, "flops": forward_flops(params, read), "seconds": time.perf_counter() - t0}
+            record_phase(Path(out) / "budget.json", "teacher_caching", add=add)
             done += 1
             progress.update(done, float("nan"), 0.0)
         progress.close()
-        seconds = time.perf_counter() - t0
-        add = {"tokens": read, "flops": forward_flops(count_parameters(teacher), read), "seconds": seconds}
-        record_phase(Path(out) / "budget.json", "teacher_caching", add=add)
     return read_manifest(Path(out))

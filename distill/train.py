@@ -275,7 +275,18 @@ def train(cfg: RunConfig, resume: bool = False, show_progress: bool = True) -> d
     t_head = teacher.get_output_embeddings() if teacher is not None else None
     student.train()
     progress = Progress(t.steps, start, enabled=show_progress and acc.is_main_process)
-    tokens_seen, teacher_total, t_start = 0, 0.0, time.perf_counter()
+    tokens_seen, t_start = 0, time.perf_counter()
+    # Budget: the work since the last record goes into budget.json at each checkpoint, so a
+    # crash loses at most the steps after the last checkpoint (which a resume redoes).
+    t_params = count_parameters(teacher) if teacher is not None else None
+    unrecorded = {"tokens": 0, "teacher_s": 0.0, "since": time.perf_counter()}
+
+    def record_budget() -> None:
+        if acc.is_main_process and unrecorded["tokens"]:
+            seconds = time.perf_counter() - unrecorded["since"]
+            record_training(run_dir, cfg, n_params, t_params, unrecorded["tokens"], seconds, unrecorded["teacher_s"])
+        unrecorded.update(tokens=0, teacher_s=0.0, since=time.perf_counter())
+
     for step in range(start, t.steps):
         t0 = time.perf_counter()
         indices = global_batch_indices(step, len(examples), global_batch, t.seed)
@@ -357,7 +368,8 @@ def train(cfg: RunConfig, resume: bool = False, show_progress: bool = True) -> d
             torch.as_tensor(sum(b["attention_mask"].sum() for _, b in batches), device=acc.device), "sum"
         ).item()
         tokens_seen += step_tokens
-        teacher_total += teacher_s
+        unrecorded["tokens"] += step_tokens
+        unrecorded["teacher_s"] += teacher_s
         dt = time.perf_counter() - t0
         record.update(step=step + 1, lr=lr, grad_norm=grad_norm, valid_tokens=n_valid, tokens_per_s=step_tokens / dt)
         record.update(step_s=dt, **({"teacher_s": teacher_s} if teacher is not None else {}))
@@ -369,6 +381,7 @@ def train(cfg: RunConfig, resume: bool = False, show_progress: bool = True) -> d
         checkpoint = (t.checkpoint_every and done % t.checkpoint_every == 0) or done == t.steps
         if checkpoint:
             last_ckpt = save_checkpoint(acc, run_dir, done, t.keep_checkpoints)
+            record_budget()
         if probe is not None and (checkpoint or (cfg.features.probe_every and done % cfg.features.probe_every == 0)):
             alignment = probe(done, student, projectors, snapshot=bool(checkpoint))
     progress.close()
@@ -396,7 +409,6 @@ def train(cfg: RunConfig, resume: bool = False, show_progress: bool = True) -> d
         summary["alignment"] = {k: v for k, v in alignment.items() if k != "pairs"}
     if acc.is_main_process:
         atomic_write_json(run_dir / "train_summary.json", summary)
-        t_params = count_parameters(teacher) if teacher is not None else None
-        record_training(run_dir, cfg, n_params, t_params, tokens_seen, wall, teacher_total)
+    record_budget()  # nothing left unless the last step was not a checkpoint
     return summary
 

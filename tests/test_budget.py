@@ -21,7 +21,7 @@ def test_record_phase_adds_replaces_and_keeps_unknowns(tmp_path):
     tree = record_phase(path, "teacher_generation", add={"seconds": 2.0, "retries": None}, totals={"tokens": 25})
     assert tree == json.loads(path.read_text())
     shares = {"share_seconds": 1.0, "share_flops": None}  # the only phase; its FLOPs unknown
-    assert tree["phases"]["teacher_generation"] == {"runs": 2, "seconds": 3.5, "retries": None, "tokens": 25, **shares}
+    assert tree["phases"]["teacher_generation"] == {"records": 2, "seconds": 3.5, "retries": None, "tokens": 25, **shares}
     tree = record_phase(path, "student_training", add={"seconds": 4.0, "flops": 8.0, "tokens": 5})
     assert set(tree["phases"]) == {"teacher_generation", "student_training"}
     assert tree["total"] == {"seconds": 7.5, "flops": None, "tokens": 30}  # one phase's FLOPs are unknown
@@ -47,7 +47,7 @@ def test_a_run_records_every_phase_with_shares(tiny_tree):
     phases = tree["phases"]
     assert set(phases) == {"student_training", "teacher_scoring", "evaluation"}
     for name, p in phases.items():
-        assert p["tokens"] > 0 and p["flops"] > 0 and p["seconds"] > 0 and p["runs"] == 1, name
+        assert p["tokens"] > 0 and p["flops"] > 0 and p["seconds"] > 0 and p["records"] == 1, name
     train_p, teacher_p = phases["student_training"], phases["teacher_scoring"]
     assert train_p["tokens"] == teacher_p["tokens"] == summary["tokens"]
     assert train_p["flops"] == 6 * summary["params"] * summary["tokens"]
@@ -55,7 +55,7 @@ def test_a_run_records_every_phase_with_shares(tiny_tree):
 
     teacher = build_models(build_config(tiny_tree))[1]
     assert teacher_p["flops"] == 2 * count_parameters(teacher) * summary["tokens"]
-    assert train_p["seconds"] + teacher_p["seconds"] == pytest.approx(summary["wall_s"])  # the loop, split
+    assert 0.5 * summary["wall_s"] < train_p["seconds"] + teacher_p["seconds"] <= summary["wall_s"]  # the loop, split
     for key in ("seconds", "flops", "tokens"):
         assert tree["total"][key] == pytest.approx(sum(p[key] for p in phases.values()))
     for key in ("share_seconds", "share_flops"):
@@ -71,9 +71,25 @@ def test_resume_adds_to_the_training_phases(tiny_tree):
     phases = _budget(tree["out_dir"])["phases"]
     assert second["resumed_from"] == 2
     for name in ("student_training", "teacher_scoring"):
-        assert phases[name]["runs"] == 2
+        assert phases[name]["records"] == 2
         assert phases[name]["tokens"] == first["tokens"] + second["tokens"]
     assert phases["student_training"]["flops"] == 6 * first["params"] * (first["tokens"] + second["tokens"])
+
+
+def test_a_crash_loses_no_recorded_work(tiny_tree, monkeypatch):
+    from conftest import crash_at
+
+    tree = copy.deepcopy(tiny_tree)
+    tree["train"].update(steps=4, checkpoint_every=2)
+    whole = copy.deepcopy(tree)
+    whole["out_dir"] = tree["out_dir"] + "-whole"
+    train(build_config(whole), show_progress=False)
+    crash_at(monkeypatch, 3, lambda: train(build_config(tree), show_progress=False))  # after checkpoint 2
+    train(build_config(tree), resume=True, show_progress=False)
+    resumed, uninterrupted = _budget(tree["out_dir"])["phases"], _budget(whole["out_dir"])["phases"]
+    for name in ("student_training", "teacher_scoring"):
+        assert resumed[name]["tokens"] == uninterrupted[name]["tokens"]  # steps 1-2 before, 3-4 after
+        assert resumed[name]["records"] == uninterrupted[name]["records"] == 2
 
 
 def test_cache_and_generation_phases_are_copied(tiny_tree, tmp_path):
@@ -92,7 +108,7 @@ def test_cache_and_generation_phases_are_copied(tiny_tree, tmp_path):
     write_teacher_cache(build_config(tree), cache, 4, "float32", 4, 4, show_progress=False)
     cached = _budget(cache)["phases"]["teacher_caching"]
     n_tokens = sum(len(r["prompt"]) + len(r["completion"]) + 1 for r in rows)  # one token a character, + EOS
-    assert cached["tokens"] == n_tokens and cached["seconds"] > 0 and cached["runs"] == 1
+    assert cached["tokens"] == n_tokens and cached["seconds"] > 0 and cached["records"] == 3  # a record per shard
     tree["teacher_cache"] = str(cache)
     train(build_config(tree), show_progress=False)
     phases = _budget(tree["out_dir"])["phases"]

@@ -11,7 +11,7 @@ import torch
 import yaml
 
 from distill import metrics
-from distill.answers import splitter
+from distill.answers import grade, splitter
 from distill.build import build_model, build_rows
 from distill.config import EvalConfig, build_config
 from distill.evaluate import Generation, answer_confidence, generate_greedy_ids, load_student
@@ -92,6 +92,9 @@ def test_answer_confidence_rule():
     # a multi-token answer: every token of its last occurrence
     text = "so 42 #### 42"  # the answer's last occurrence: characters (and tokens) 11 and 12
     assert answer_confidence(_gen(tok, text, lp), tok, splitter("gsm8k")) == pytest.approx(math.exp(lp[11] + lp[12]))
+    # the answer where the splitter found it, not a later repeat of it
+    text = "answer is 7 (3+4=7)"  # the answer is character 10; another 7 at 17
+    assert answer_confidence(_gen(tok, text, lp), tok, splitter("answer_line")) == pytest.approx(math.exp(lp[10]))
     # no answer found: the whole generation but the final EOS
     assert answer_confidence(_gen(tok, "1+2", lp), tok, chain_split) == pytest.approx(math.exp(lp[0] + lp[1] + lp[2]))
     # truncated (no EOS) and no answer: every generated token
@@ -172,7 +175,12 @@ def test_teacher_identical_to_student_agrees_everywhere(tiny_tree, tmp_path):
     assert result["refusal_rate"] == 0.0
     assert len(result["calibration"]["bins"]) == 15 and sum(b["count"] for b in result["calibration"]["bins"]) == len(gens)
     phases = json.loads((run / "budget.json").read_text())["phases"]
-    assert phases["evaluation"]["runs"] == 2 and phases["evaluation"]["tokens"] > 0  # two evaluations, added
+    assert phases["evaluation"]["records"] == 2 and phases["evaluation"]["tokens"] > 0  # two evaluations, added
+    # ECE end to end: from each generation's answer confidence and its grade
+    rows = build_rows(build_config(cfg).data, "test")
+    confidences = [answer_confidence(g, tok, splitter("chain")) for g in gens]
+    correct = [grade(g.text, r.answer, "chain") for g, r in zip(gens, rows)]
+    assert result["calibration"]["ece"] == pytest.approx(metrics.ece_bins(confidences, correct)["ece"], abs=1e-9)
 
 
 @pytest.mark.parametrize(

@@ -53,6 +53,12 @@ def test_relative_to_teacher():
     assert check_gates(gates, result)["passed"] is True
 
 
+def test_non_finite_values_never_pass():
+    nan_run = {"heldout_ce": float("nan"), "perplexity": float("nan"), "teacher": {"perplexity": float("inf")}}
+    report = check_gates({"perplexity": "<= 1.2 * teacher", "heldout_ce": "<= 5"}, nan_run)
+    assert not report["passed"] and all("not a finite comparison" in r["reason"] for r in report["results"])
+
+
 def test_missing_metrics_fail_with_a_reason():
     report = check_gates({"accuracy": ">= 0.9 * teacher", "agreement_top1": ">= 0.5", "ece": "<= 0.1"}, {"accuracy": 0.9})
     no_teacher, no_agreement, no_ece = report["results"]

@@ -84,6 +84,24 @@ def test_a_run_without_latents_is_an_error(tmp_path):
     assert not (tmp_path / "x.html").exists()
 
 
+def test_non_finite_states_are_a_one_line_error(two_runs, tmp_path):
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    run = tmp_path / "diverged"
+    shutil.copytree(two_runs[0], run)
+    snap = sorted((run / "latents").glob("step-*.safetensors"))[-1]
+    tensors = load_file(str(snap))
+    for k in tensors:
+        tensors[k][0, 0] = float("nan")
+    save_file(tensors, str(snap))
+    step = int(snap.stem.split("-")[1])
+    with pytest.raises(DistillError, match=rf"diverged: the student's latent states at step {step} hold NaN or inf"):
+        write_latent_page([run], tmp_path / "x.html")
+    assert not (tmp_path / "x.html").exists()
+
+
 # ---------------------------------------------------------------- real runs in a browser
 
 

@@ -71,10 +71,10 @@ def make_run(path: Path, tree: dict, *, metrics=True, summary=True, eval_json=Tr
                  "threshold": None, "passed": False, "reason": "no teacher value"}]}}))
     if budget:
         (path / "budget.json").write_text(json.dumps({"phases": {
-            "teacher_generation": {"tokens": 5000, "flops": None, "seconds": 40.0, "runs": 1},
-            "student_training": {"tokens": 7200, "flops": 1.6e9, "seconds": 1.9, "runs": 1,
+            "teacher_generation": {"tokens": 5000, "flops": None, "seconds": 40.0, "records": 1},
+            "student_training": {"tokens": 7200, "flops": 1.6e9, "seconds": 1.9, "records": 1,
                                  "share_seconds": 0.043, "share_flops": 0.8},
-            "evaluation": {"tokens": 900, "flops": 4e8, "seconds": 2.2, "runs": 1}},
+            "evaluation": {"tokens": 900, "flops": 4e8, "seconds": 2.2, "records": 1}},
             "total": {"seconds": 44.1, "flops": 2e9, "tokens": 13100}}))
     if alignment:
         pairs = [{"student": 1, "teacher": 1, "weight": 1.0, "student_layer": 0, "teacher_layer": 0},

@@ -179,6 +179,11 @@ def read_run(run: Path, pair: dict) -> tuple[RunStates, dict, np.ndarray]:
     feature = f"projected.{k}" in snaps[0]
     states = [s[f"projected.{k}"] if feature else s[f"student.{pair['student']}"] for s in snaps]
     step_numbers = [int(p.stem.split("-")[1]) for p in steps]
+    if not np.isfinite(teacher).all():
+        raise DistillError(f"{run}: the teacher's latent states hold NaN or inf; the page cannot place them")
+    for step, x in zip(step_numbers, states):
+        if not np.isfinite(x).all():
+            raise DistillError(f"{run}: the student's latent states at step {step} hold NaN or inf (a diverged run?)")
     return RunStates(run.name, feature, step_numbers, states), meta, teacher
 
 

@@ -153,7 +153,7 @@ def metrics_series(records: list[dict], notes: list[str]) -> dict:
 
 def budget_phases(budget) -> list[dict]:
     """Phases in pipeline order (unknown ones after): seconds, FLOPs, tokens and shares
-    (the file's, else computed over the phases present)."""
+    (the file's, else computed over the phases present when every amount is known)."""
     phases = budget.get("phases") if isinstance(budget, dict) else None
     if not isinstance(phases, dict):
         return []
@@ -164,9 +164,11 @@ def budget_phases(budget) -> list[dict]:
         rows.append({"phase": name, **{k: rec.get(k) if is_number(rec.get(k)) else None
                                        for k in ("seconds", "flops", "tokens", "share_seconds", "share_flops")}})
     for key, share in (("seconds", "share_seconds"), ("flops", "share_flops")):
-        total = sum(r[key] for r in rows if r[key] is not None)
+        if any(r[key] is None for r in rows):
+            continue  # a phase's amount is unknown: so is every share of the total (n/a)
+        total = sum(r[key] for r in rows)
         for r in rows:
-            if r[share] is None and r[key] is not None and total > 0:
+            if r[share] is None and total > 0:
                 r[share] = r[key] / total
     return rows
 
