@@ -55,11 +55,18 @@ def build_models(cfg: RunConfig):
     needed = cfg.objective.alpha > 0 or cfg.features.weight > 0
     if not needed or cfg.teacher is None or cfg.teacher_cache is not None:
         return student, None, s_tok, len(s_tok)  # a cached teacher is never loaded
+    teacher, _, vocab = build_teacher(cfg, s_tok, student)
+    return student, teacher, s_tok, vocab
+
+
+def build_teacher(cfg: RunConfig, student_tokenizer, student):
+    """The run's teacher (frozen, eval mode), its tokenizer and the vocabulary size it shares
+    with the student (a mismatch is an error)."""
     t_tok = build_tokenizer(cfg.teacher, "teacher")
     teacher = build_model(cfg.teacher, t_tok, "teacher", cfg.train.seed + 1)
-    vocab = check_vocabularies(t_tok, s_tok, output_size(teacher), output_size(student))
+    vocab = check_vocabularies(t_tok, student_tokenizer, output_size(teacher), output_size(student))
     teacher.eval().requires_grad_(False)
-    return student, teacher, s_tok, vocab
+    return teacher, t_tok, vocab
 
 
 def build_rows(dcfg: DataConfig, split: str) -> list[Row]:

@@ -144,8 +144,8 @@ def answer_confidence(gen: Generation, tokenizer, split=None) -> float:
     of the answer's tokens (`Generation.logprobs`, the model's own at each greedy step).
 
     split: the answer format's splitter (`distill.answers.splitter`); the answer's tokens are
-    those that spell its last occurrence in the text (for the built-in chain task, the one
-    token after the last '#'). split None (the label task: the whole output is the answer),
+    those that spell it where the splitter found it, right after the rationale (for the
+    built-in chain task, the one token after the last '#'). split None (the label task: the whole output is the answer),
     or a generation with no answer found: the answer is the whole generation, so the
     confidence is the product over every generated token but a final EOS (over the EOS
     alone when nothing else was generated). Such a generation grades wrong, so a model that

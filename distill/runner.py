@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 
 from distill.budget import record_phase
-from distill.build import build_model, build_rows, build_tokenizer, output_size
+from distill.build import build_rows, build_teacher
 from distill.config import RunConfig, load_config
 from distill.errors import ConfigError, DistillError
 from distill.evaluate import evaluate_rows, load_student
@@ -23,15 +23,10 @@ def _is_main_process() -> bool:
 def load_eval_teacher(cfg: RunConfig, tokenizer, student):
     """The run's teacher for evaluation (as training builds it), its tokenizer and the shared
     vocabulary size; (None, None, None) without a teacher or with eval.teacher=false."""
-    from distill.models import check_vocabularies
-
     if cfg.teacher is None or not cfg.eval.teacher:
         return None, None, None
-    t_tok = build_tokenizer(cfg.teacher, "teacher")
-    teacher = build_model(cfg.teacher, t_tok, "teacher", cfg.train.seed + 1)
-    vocab = check_vocabularies(t_tok, tokenizer, output_size(teacher), output_size(student))
-    teacher.to(next(student.parameters()).device).eval().requires_grad_(False)
-    return teacher, t_tok, vocab
+    teacher, t_tok, vocab = build_teacher(cfg, tokenizer, student)
+    return teacher.to(next(student.parameters()).device), t_tok, vocab
 
 
 def default_format_regex(cfg: RunConfig) -> str | None:

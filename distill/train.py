@@ -276,8 +276,8 @@ def train(cfg: RunConfig, resume: bool = False, show_progress: bool = True) -> d
     student.train()
     progress = Progress(t.steps, start, enabled=show_progress and acc.is_main_process)
     tokens_seen, t_start = 0, time.perf_counter()
-    # Budget: the work since the last record goes into budget.json at each checkpoint, so a
-    # crash loses at most the steps after the last checkpoint (which a resume redoes).
+    # Budget: the work since the last record goes into budget.json at each checkpoint (the
+    # last step always is one), so a crash loses only steps that a resume redoes.
     t_params = count_parameters(teacher) if teacher is not None else None
     unrecorded = {"tokens": 0, "teacher_s": 0.0, "since": time.perf_counter()}
 
@@ -318,10 +318,10 @@ def train(cfg: RunConfig, resume: bool = False, show_progress: bool = True) -> d
         weights = (0.0, cfg.objective.term_weights()[1]) if on_policy else cfg.objective.term_weights()
         teacher_s = 0.0
         # Each task's terms are normalised by that task's global count of valid tokens.
-        local_valid = [
-            sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for k, b in batches if k == task) for task in range(len(task_w))
-        ]
-        n_task = acc.reduce(torch.as_tensor(local_valid, device=acc.device, dtype=torch.float64), "sum").tolist()
+        local_valid = torch.zeros(len(task_w), dtype=torch.float64, device=acc.device)  # (tasks,)
+        for task, b in batches:
+            local_valid[task] += (b["labels"][:, 1:] != IGNORE_INDEX).sum()
+        n_task = acc.reduce(local_valid, "sum").tolist()
         n_valid = sum(n_task)
         sums: dict[str, torch.Tensor] = {}
         for i, (task, batch) in enumerate(batches):
@@ -409,6 +409,5 @@ def train(cfg: RunConfig, resume: bool = False, show_progress: bool = True) -> d
         summary["alignment"] = {k: v for k, v in alignment.items() if k != "pairs"}
     if acc.is_main_process:
         atomic_write_json(run_dir / "train_summary.json", summary)
-    record_budget()  # nothing left unless the last step was not a checkpoint
     return summary
 

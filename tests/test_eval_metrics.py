@@ -89,7 +89,7 @@ def test_answer_confidence_rule():
     chain_split = splitter("chain")
     # the built-in task: the one token after the last '#'
     assert answer_confidence(_gen(tok, "1+2=3#3", lp), tok, chain_split) == pytest.approx(math.exp(lp[6]))
-    # a multi-token answer: every token of its last occurrence
+    # a multi-token answer: every token of it, where the splitter found it
     text = "so 42 #### 42"  # the answer's last occurrence: characters (and tokens) 11 and 12
     assert answer_confidence(_gen(tok, text, lp), tok, splitter("gsm8k")) == pytest.approx(math.exp(lp[11] + lp[12]))
     # the answer where the splitter found it, not a later repeat of it

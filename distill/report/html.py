@@ -16,6 +16,7 @@ from pathlib import Path
 from distill.errors import DistillError
 from distill.paths import atomic_write_text
 from distill.report.html_template import CSS, PAGE_JS
+from distill.report.page import inline_script, json_for_script, plotly_script
 from distill.report.report_data import OBJECTIVE_KEYS, dig, finite, is_number, load_runs
 
 # (label, student key, teacher key or None); dotted keys into eval.json.
@@ -209,14 +210,7 @@ def plot_section(runs: list[dict], plot: str) -> tuple[str, str]:
     return "", note
 
 
-def inline_script(code: str) -> str:
-    """Code safe inside <script>: a `</script` in it (in a string or comment) would end the tag."""
-    return code.replace("</script", "<\\/script").replace("</SCRIPT", "<\\/SCRIPT")
-
-
 def render(runs: list[dict]) -> str:
-    from plotly.offline import get_plotlyjs
-
     content = {
         "runs": (runs_section(runs), ""),
         "loss-curves": plot_section(runs, "loss-curves"),
@@ -236,8 +230,7 @@ def render(runs: list[dict]) -> str:
         f"{content[sid][1]}</section>"
         for sid, title in SECTIONS
     )
-    data = json.dumps(finite({"runs": runs}), ensure_ascii=False, allow_nan=False, separators=(",", ":"))
-    data = data.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+    data = json_for_script(finite({"runs": runs}))
     title = "distill report: " + ", ".join(r["name"] for r in runs)
     return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
@@ -247,7 +240,7 @@ def render(runs: list[dict]) -> str:
         f"<nav>{nav}</nav></header><main>{sections}</main>"
         f'<script type="application/json" id="report-data">{data}</script>\n'
         f"<script>window.PlotlyConfig = {{MathJaxConfig: 'local'}};</script>\n"
-        f"<script>{inline_script(get_plotlyjs())}</script>\n<script>{inline_script(PAGE_JS)}</script>\n</body></html>\n"
+        f"{plotly_script()}\n<script>{inline_script(PAGE_JS)}</script>\n</body></html>\n"
     )
 
 

@@ -8,16 +8,11 @@ that comes from data into the page with textContent, and escapes trace names for
 """
 
 import html
-import json
+
+from distill.report.page import json_for_script, plotly_script
 
 PALETTE = ["#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#ff9da7", "#9c755f", "#17becf"]
 FIXED = {"symbol": "#9a9a9a", "other": "#9a9a9a", "end": "#222222"}
-
-
-def json_for_script(obj) -> str:
-    """JSON safe inside a <script> element: no '<', '>' or '&' can close or open anything."""
-    text = json.dumps(obj, allow_nan=False, separators=(",", ":"))
-    return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
 
 
 def colours(classes: list[str]) -> list[str]:
@@ -171,13 +166,11 @@ h1 { font-size: 1.35em; margin: 0 0 8px; }
 
 def render(data: dict) -> str:
     """The whole page as one string."""
-    from plotly.offline import get_plotlyjs
-
     data = {**data, "colours": colours(data["classes"])}
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(data["title"])}</title>
 <style>{STYLE}</style>
-<script>{get_plotlyjs()}</script>
+{plotly_script()}
 </head><body>
 <h1>{html.escape(data["title"])}</h1>
 <div class="controls">
