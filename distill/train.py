@@ -8,7 +8,6 @@ micro-batches, and divides every loss term by the global count of valid tokens, 
 
 import contextlib
 import json
-import logging
 import math
 import shutil
 import time
@@ -21,6 +20,7 @@ from accelerate.utils import DistributedType, set_seed
 from distill.alignment import AlignmentProbe, Probe
 from distill.budget import record_training
 from distill.build import build_models, build_rows, build_task_examples, build_teacher_cache, output_size
+from distill.checkpoint import load_training_state, save_training_state
 from distill.config import RunConfig, dump_config
 from distill.data import IGNORE_INDEX, collate, global_batch_indices, micro_batches, tokenize_rows
 from distill.errors import DistillError
@@ -66,16 +66,17 @@ def check_run_dir(run_dir: Path, resume: bool) -> None:
         raise DistillError(f"{run_dir} already holds a run; resume it with --resume {run_dir} or pick another out_dir")
 
 
-def save_checkpoint(acc: Accelerator, run_dir: Path, step: int, keep: int) -> Path:
-    """accelerate's save_state (safetensors weights, optimizer, scheduler, RNG) into a temp
-    folder, renamed into place once complete, so an interrupted save leaves no half checkpoint."""
+def save_checkpoint(acc: Accelerator, modules: list, optimizer, scheduler, run_dir: Path, step: int, keep: int) -> Path:
+    """Weights, optimizer, scheduler and RNG states (`distill.checkpoint`: safetensors and
+    JSON, no pickle) into a temp folder, renamed into place once complete, so an interrupted
+    save leaves no half checkpoint."""
     root = run_dir / "checkpoints"
     final, tmp = root / f"step-{step:06d}", root / f".tmp-step-{step:06d}"
     if acc.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
     acc.wait_for_everyone()
-    with quiet("accelerate"):  # it warns that tied lm_head weights are saved once: expected
-        acc.save_state(str(tmp))
+    save_training_state(acc, modules, optimizer, scheduler, tmp)
     acc.wait_for_everyone()
     if acc.is_main_process:
         atomic_write_json(tmp / "state.json", {"step": step})
@@ -85,17 +86,6 @@ def save_checkpoint(acc: Accelerator, run_dir: Path, step: int, keep: int) -> Pa
             shutil.rmtree(old)
     acc.wait_for_everyone()
     return final
-
-
-@contextlib.contextmanager
-def quiet(logger: str):
-    log = logging.getLogger(logger)
-    level = log.level
-    log.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        log.setLevel(level)
 
 
 def trim_metrics(path: Path, last_step: int) -> None:
@@ -232,7 +222,7 @@ def train(cfg: RunConfig, resume: bool = False, show_progress: bool = True) -> d
         trained, lr=t.lr, betas=t.betas, weight_decay=t.weight_decay, fused=True if t.fused_optimizer else None
     )
     # The scheduler is stepped by hand once per optimizer step (accelerate's prepared
-    # scheduler would step once per process) and registered so checkpoints carry it.
+    # scheduler would step once per process); checkpoints carry its counters as JSON.
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, t.warmup_steps, t.steps, t.min_lr_ratio)
     )
@@ -241,7 +231,6 @@ def train(cfg: RunConfig, resume: bool = False, show_progress: bool = True) -> d
     else:
         student, optimizer = acc.prepare(student, optimizer)
     synced = [student] + ([projectors] if projectors is not None else [])
-    acc.register_for_checkpointing(scheduler)
     if teacher is not None:
         teacher.to(acc.device)
 
@@ -250,7 +239,7 @@ def train(cfg: RunConfig, resume: bool = False, show_progress: bool = True) -> d
         last_ckpt = latest_checkpoint(run_dir)
         if last_ckpt is None:
             raise DistillError(f"{run_dir}: no checkpoint to resume from")
-        acc.load_state(str(last_ckpt))
+        load_training_state(acc, synced, optimizer, scheduler, last_ckpt)
         start = json.loads((last_ckpt / "state.json").read_text())["step"]
         if acc.is_main_process:
             trim_metrics(run_dir / "metrics.jsonl", start)
@@ -380,7 +369,7 @@ def train(cfg: RunConfig, resume: bool = False, show_progress: bool = True) -> d
         done = step + 1
         checkpoint = (t.checkpoint_every and done % t.checkpoint_every == 0) or done == t.steps
         if checkpoint:
-            last_ckpt = save_checkpoint(acc, run_dir, done, t.keep_checkpoints)
+            last_ckpt = save_checkpoint(acc, synced, optimizer, scheduler, run_dir, done, t.keep_checkpoints)
             record_budget()
         if probe is not None and (checkpoint or (cfg.features.probe_every and done % cfg.features.probe_every == 0)):
             alignment = probe(done, student, projectors, snapshot=bool(checkpoint))

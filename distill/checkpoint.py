@@ -1,0 +1,160 @@
+"""Checkpoints without pickle: tensors in safetensors, everything else in JSON.
+
+A checkpoint folder `checkpoints/step-N/` holds
+    model.safetensors, model_1.safetensors ...   the trained modules (student, projectors)
+    optimizer.safetensors + optimizer.json        the optimizer's tensors / its param groups
+    scheduler.json                                the LR scheduler's counters
+    rng-R.safetensors + rng-R.json                process R's torch / numpy / python RNG states
+    state.json                                    the step, written last
+
+Nothing here is read with pickle (torch.load, even with weights_only, unpickles): a run
+folder handed over by someone else cannot run code on resume. Files of other names (the
+`.pkl` / `.bin` of accelerate's save_state in older checkpoints) are never opened.
+"""
+
+import random
+import re
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from distill.errors import DistillError
+from distill.paths import atomic_write_json, read_json
+
+STATE_KEY = re.compile(r"^state\.(\d+)\.(.+)$")
+
+
+def _unshared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop keys whose tensor shares storage with an earlier one (tied embeddings):
+    safetensors refuses shared tensors, and load_state_dict(strict=False) re-ties them."""
+    seen, out = set(), {}
+    for key, t in state.items():
+        ptr = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape)) if t.numel() else None
+        if ptr is not None and ptr in seen:
+            continue
+        seen.add(ptr)
+        out[key] = t.detach().contiguous().cpu()
+    return out
+
+
+def save_modules(acc, modules: list, folder) -> None:
+    """Each module's full state dict as model.safetensors, model_1.safetensors, ..."""
+    for i, module in enumerate(modules):
+        state = acc.get_state_dict(module)
+        if acc.is_main_process:
+            save_file(_unshared(state), str(folder / module_file(i)))
+
+
+def module_file(i: int) -> str:
+    return "model.safetensors" if i == 0 else f"model_{i}.safetensors"
+
+
+def load_modules(acc, modules: list, folder) -> None:
+    for i, module in enumerate(modules):
+        model = acc.unwrap_model(module)
+        state = load_file(str(folder / module_file(i)))
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        tied = {k for k, v in model.state_dict().items() if k in missing and _is_tied(model, k)}
+        if unexpected or set(missing) - tied:
+            raise DistillError(
+                f"{folder / module_file(i)}: does not fit the model (missing {sorted(set(missing) - tied)[:3]}, "
+                f"unexpected {sorted(unexpected)[:3]})"
+            )
+
+
+def _is_tied(model, key: str) -> bool:
+    """True when the parameter `key` shares storage with another entry of the state dict."""
+    state = model.state_dict()
+    ptr = state[key].untyped_storage().data_ptr()
+    return any(k != key and v.untyped_storage().data_ptr() == ptr for k, v in state.items())
+
+
+def save_optimizer(optimizer, folder) -> None:
+    """state -> safetensors (`state.<param index>.<name>`); non-tensor state values and
+    param_groups -> JSON."""
+    sd = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for idx, entry in sd["state"].items():
+        for name, value in entry.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"state.{idx}.{name}"] = value.detach().contiguous().cpu()
+            else:
+                scalars[f"{idx}.{name}"] = value
+    save_file(tensors, str(folder / "optimizer.safetensors"))
+    groups = [{k: list(v) if isinstance(v, tuple) else v for k, v in g.items()} for g in sd["param_groups"]]
+    atomic_write_json(folder / "optimizer.json", {"param_groups": groups, "scalars": scalars})
+
+
+def load_optimizer(optimizer, folder) -> None:
+    meta = read_json(folder / "optimizer.json", "optimizer state")
+    state: dict[int, dict] = {}
+    for key, tensor in load_file(str(folder / "optimizer.safetensors")).items():
+        m = STATE_KEY.match(key)
+        if m is None:
+            raise DistillError(f"{folder / 'optimizer.safetensors'}: unexpected tensor {key!r}")
+        state.setdefault(int(m.group(1)), {})[m.group(2)] = tensor
+    for key, value in meta["scalars"].items():
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = value
+    groups = [{k: tuple(v) if k == "betas" else v for k, v in g.items()} for g in meta["param_groups"]]
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def save_scheduler(scheduler, folder) -> None:
+    """LambdaLR's counters; its lambdas are code and are rebuilt from the config."""
+    sd = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
+    atomic_write_json(folder / "scheduler.json", sd)
+
+
+def load_scheduler(scheduler, folder) -> None:
+    sd = read_json(folder / "scheduler.json", "scheduler state")
+    scheduler.load_state_dict({**sd, "lr_lambdas": [None] * len(scheduler.lr_lambdas)})
+
+
+def save_rng(folder, rank: int) -> None:
+    version, mt, gauss = random.getstate()
+    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    tensors = {"torch": torch.get_rng_state(), "numpy_keys": torch.from_numpy(np_keys.astype(np.int64))}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda.{i}"] = s
+    save_file(tensors, str(folder / f"rng-{rank}.safetensors"))
+    meta = {"python": [version, list(mt), gauss], "numpy": [np_kind, np_pos, np_has_gauss, np_gauss]}
+    atomic_write_json(folder / f"rng-{rank}.json", meta)
+
+
+def load_rng(folder, rank: int) -> None:
+    tensors = load_file(str(folder / f"rng-{rank}.safetensors"))
+    meta = read_json(folder / f"rng-{rank}.json", "random-number state")
+    version, mt, gauss = meta["python"]
+    random.setstate((version, tuple(mt), gauss))
+    np_kind, np_pos, np_has_gauss, np_gauss = meta["numpy"]
+    np.random.set_state((np_kind, tensors["numpy_keys"].numpy().astype(np.uint32), np_pos, np_has_gauss, np_gauss))
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("cuda."))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def save_training_state(acc, modules: list, optimizer, scheduler, folder) -> None:
+    """Everything a resume needs, into `folder` (which exists)."""
+    save_modules(acc, modules, folder)
+    if acc.is_main_process:
+        save_optimizer(optimizer, folder)
+        save_scheduler(scheduler, folder)
+    save_rng(folder, acc.process_index)
+
+
+def load_training_state(acc, modules: list, optimizer, scheduler, folder) -> None:
+    """The inverse of `save_training_state`; a checkpoint without these files (one written by
+    an older distill with pickled state) is refused, never unpickled."""
+    if not (folder / "optimizer.safetensors").is_file() or not (folder / "scheduler.json").is_file():
+        raise DistillError(
+            f"{folder}: not a checkpoint this version of distill can read safely (no optimizer.safetensors / "
+            "scheduler.json); older checkpoints held pickled state, which is never loaded"
+        )
+    load_modules(acc, modules, folder)
+    load_optimizer(optimizer, folder)
+    load_scheduler(scheduler, folder)
+    load_rng(folder, acc.process_index)
