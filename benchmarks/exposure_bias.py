@@ -34,7 +34,7 @@ VARIANTS = {"off-policy": 0.0, "on-policy 0.5": 0.5, "on-policy 1.0": 1.0}
 
 
 def teacher_tree(work: Path) -> dict:
-    from distill.demo import packaged_config
+    from distill.pipeline.demo import packaged_config
 
     tree = packaged_config("demo_teacher")
     tree["data"].update(min_ops=6, max_ops=10)
@@ -49,7 +49,7 @@ STUDENT_SHAPE = {"hidden_size": 96, "intermediate_size": 384}
 
 def sft_tree(work: Path, seed: int, steps: int) -> dict:
     """The starting point: the student trained on gold chains with labels only."""
-    from distill.demo import packaged_config
+    from distill.pipeline.demo import packaged_config
 
     tree = packaged_config("demo_student")
     tree["student"]["config"].update(STUDENT_SHAPE)
@@ -63,7 +63,7 @@ def sft_tree(work: Path, seed: int, steps: int) -> dict:
 
 
 def student_tree(work: Path, seed: int, lmbda: float, steps: int) -> dict:
-    from distill.demo import packaged_config
+    from distill.pipeline.demo import packaged_config
 
     tree = packaged_config("demo_student")
     tree["student"] = {"name": str(work / f"sft-seed{seed}" / "student")}
@@ -102,10 +102,10 @@ def run_all(trees: list[dict], work: Path, parallel: int) -> None:
 def sampled_accuracy(run_dir: Path, n_test: int, seed: int) -> float:
     import torch
 
-    from distill.data import builtin_rows
-    from distill.evaluate import generate_sampled, load_student
-    from distill.rollout import Sampling
-    from distill.tasks.chain import grade
+    from distill.data.rows import builtin_rows
+    from distill.eval.evaluate import generate_sampled, load_student
+    from distill.training.rollout import Sampling
+    from distill.data.tasks.chain import grade
 
     torch.set_num_threads(1)
     model, tok = load_student(run_dir)

@@ -36,7 +36,7 @@ from teacher_cache import SMOL, heldout_kl, prose_rows, teacher_log_probs  # noq
 
 
 def builtin_tree(teacher: Path, out: Path, seed: int, weight: float, loss: str, steps: int | None) -> dict:
-    from distill.demo import packaged_config
+    from distill.pipeline.demo import packaged_config
 
     tree = packaged_config("demo_student")
     tree["teacher"] = {"name": str(teacher / "student")}
@@ -66,7 +66,7 @@ def cka_from_latents(run: Path) -> dict:
     out, as `features.skip_first_token` does."""
     from safetensors.torch import load_file
 
-    from distill.alignment import linear_cka
+    from distill.training.alignment import linear_cka
 
     latents = run / "latents"
     meta = json.loads((latents / "probe.json").read_text())
@@ -124,8 +124,8 @@ def run_builtin(args, work: Path) -> dict:
     from rich.console import Console
 
     from distill.config import build_config
-    from distill.demo import cached_teacher
-    from distill.runner import run_training
+    from distill.pipeline.demo import cached_teacher
+    from distill.pipeline.runner import run_training
 
     teacher = Path(args.teacher) if args.teacher else cached_teacher(Console(stderr=True))[0]
     teacher_eval = json.loads((teacher / "eval.json").read_text())
@@ -144,12 +144,12 @@ def run_builtin(args, work: Path) -> dict:
 
 
 def run_smollm2(args, work: Path) -> dict:
-    from distill.build import build_examples, build_tokenizer
+    from distill.models.build import build_examples, build_tokenizer
     from distill.config import DataConfig, ModelConfig, build_config
-    from distill.evaluate import load_student
-    from distill.models import load_causal_lm
-    from distill.students import make_student
-    from distill.train import train
+    from distill.eval.evaluate import load_student
+    from distill.models.loading import load_causal_lm
+    from distill.models.students import make_student
+    from distill.training.loop import train
 
     train_path, held_path = prose_rows(work)
     student_dir = work / "smol-student-10"

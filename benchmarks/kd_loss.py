@@ -1,4 +1,4 @@
-"""Fused chunked KD loss (`distill.fused.fused_kd_loss`) vs the naive full-logits path.
+"""Fused chunked KD loss (`distill.loss.fused.fused_kd_loss`) vs the naive full-logits path.
 
     python benchmarks/kd_loss.py                                   # CPU, default shapes, all divergences
     python benchmarks/kd_loss.py --shape 2048,576,576,49152 --divergence forward_kl jsd
@@ -90,8 +90,8 @@ def worker(spec: dict) -> dict:
     """One measurement in this (fresh) process; returns a JSON-able result row."""
     import torch
 
-    from distill.divergences import divergence
-    from distill.fused import fused_kd_loss
+    from distill.loss.divergences import divergence
+    from distill.loss.fused import fused_kd_loss
 
     device, dtype = spec["device"], getattr(torch, spec["dtype"])
     n, hs_dim, ht_dim, v = spec["shape"]
@@ -175,7 +175,7 @@ def main() -> None:
     parser.add_argument("--divergence", nargs="+", default=list(DIVERGENCES), choices=list(DIVERGENCES))
     parser.add_argument("--gpu", action="store_true", help="CUDA + bf16; adds the large GPU shapes")
     parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--chunk-size", type=int, default=None, help="default: distill.fused.auto_chunk_size(V)")
+    parser.add_argument("--chunk-size", type=int, default=None, help="default: distill.loss.fused.auto_chunk_size(V)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:

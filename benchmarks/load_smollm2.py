@@ -16,7 +16,7 @@ import torch
 def main() -> None:
     with tempfile.TemporaryDirectory() as cache:
         os.environ["DISTILL_CACHE"] = cache
-        from distill.models import load_causal_lm, load_tokenizer
+        from distill.models.loading import load_causal_lm, load_tokenizer
 
         rows = []
         t0 = time.perf_counter()

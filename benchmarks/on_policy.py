@@ -76,8 +76,8 @@ def prose_prompts(tokenizer, n: int, prompt_tokens: int) -> list[dict]:
 def prepare(work: Path, n_rows: int, prompt_tokens: int) -> dict:
     """Student folder, teacher folder (for TRL, which loads it from disk) and the prompt
     file; reused when present."""
-    from distill.models import load_causal_lm, load_tokenizer
-    from distill.students import make_student
+    from distill.models.loading import load_causal_lm, load_tokenizer
+    from distill.models.students import make_student
 
     student, teacher = work / "student10", work / "teacher"
     prompts = work / f"prompts-{prompt_tokens}.jsonl"
@@ -144,7 +144,7 @@ def ours_tree(args, paths: dict, out: Path) -> dict:
 def run_ours(tree: dict, gpu: bool, warmup: int) -> dict:
     """Worker: train for warmup + steps on-policy steps and summarise metrics.jsonl."""
     from distill.config import build_config
-    from distill.train import train
+    from distill.training.loop import train
 
     shutil.rmtree(tree["out_dir"], ignore_errors=True)
     train(build_config(tree), show_progress=False)

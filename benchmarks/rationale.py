@@ -32,10 +32,10 @@ MODES = ("answer_only", "multitask", "completion")
 def prepare(out: Path, n: int, samples: int) -> tuple[Path, Path, dict, dict]:
     from rich.console import Console
 
-    from distill.curate import CurateSettings, write_curated
-    from distill.data import builtin_rows
-    from distill.demo import cached_teacher
-    from distill.generate import GenerateSettings, run_generate
+    from distill.pipeline.curate import CurateSettings, write_curated
+    from distill.data.rows import builtin_rows
+    from distill.pipeline.demo import cached_teacher
+    from distill.pipeline.generate import GenerateSettings, run_generate
 
     teacher_dir, _ = cached_teacher(Console(stderr=True))
     gen_dir = out / "generations"
@@ -50,7 +50,7 @@ def prepare(out: Path, n: int, samples: int) -> tuple[Path, Path, dict, dict]:
 
 
 def run_config(out: Path, curated: Path, test: Path, mode: str, seed: int, steps: int) -> Path:
-    from distill.demo import packaged_config
+    from distill.pipeline.demo import packaged_config
 
     tree = packaged_config("demo_student")
     tree["teacher"] = None

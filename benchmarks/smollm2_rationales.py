@@ -47,8 +47,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=24)
     args = ap.parse_args()
 
-    from distill.curate import CurateSettings, write_curated
-    from distill.generate import GenerateSettings, run_generate
+    from distill.pipeline.curate import CurateSettings, write_curated
+    from distill.pipeline.generate import GenerateSettings, run_generate
 
     args.out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(0)

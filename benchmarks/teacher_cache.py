@@ -74,8 +74,8 @@ def run_tree(train_path: Path, held_path: Path, out: Path, seed: int, steps: int
 @torch.no_grad()
 def teacher_log_probs(teacher, examples, pad_id: int, vocab: int) -> torch.Tensor:
     """(n, V) full teacher log-probs at every held-out next-token target, T = 1."""
-    from distill.data import collate
-    from distill.losses import IGNORE_INDEX
+    from distill.data.rows import collate
+    from distill.loss.token_losses import IGNORE_INDEX
 
     out = []
     for i in range(0, len(examples), 16):
@@ -129,12 +129,12 @@ def main() -> None:
                         help="which students to train (the live ones are deterministic per seed)")  # fmt: skip
     args = parser.parse_args()
 
-    from distill.build import build_examples, build_tokenizer
+    from distill.models.build import build_examples, build_tokenizer
     from distill.config import DataConfig, build_config
-    from distill.evaluate import load_student
-    from distill.models import load_causal_lm
-    from distill.teacher_cache import TeacherCache, write_teacher_cache
-    from distill.train import train
+    from distill.eval.evaluate import load_student
+    from distill.models.loading import load_causal_lm
+    from distill.data.teacher_cache import TeacherCache, write_teacher_cache
+    from distill.training.loop import train
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)

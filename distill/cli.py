@@ -22,7 +22,7 @@ def train(
     """Train a student (logit KD, or labels only with objective.alpha=0)."""
     from distill.config import load_config
     from distill.errors import ConfigError
-    from distill.runner import run_training
+    from distill.pipeline.runner import run_training
 
     if resume is not None:
         # `distill train --resume RUN_DIR [overrides]`: the run's own resolved config.
@@ -48,8 +48,8 @@ def evaluate(
     """Evaluate a student on the held-out split (against its teacher when the run has one); write eval.json."""
     from rich.console import Console
 
-    from distill.gates import GateFailure, gates_table
-    from distill.runner import run_eval
+    from distill.eval.gates import GateFailure, gates_table
+    from distill.pipeline.runner import run_eval
 
     result = run_eval(path, config, gates=gates)
     typer.echo(json.dumps(result, indent=2))
@@ -73,7 +73,7 @@ def cache(
 ):
     """Run the teacher once over the training data; store its top-k per token for `teacher_cache=`."""
     from distill.config import load_config
-    from distill.teacher_cache import write_teacher_cache
+    from distill.data.teacher_cache import write_teacher_cache
 
     cfg = load_config(config, overrides or [])
     manifest = write_teacher_cache(cfg, out, top_k, dtype, shard_examples, batch_size)
@@ -109,9 +109,9 @@ def generate(
     teacher_params: Annotated[int | None, typer.Option(help="Server: the teacher's parameter count, for the FLOPs estimate.")] = None,
 ):
     """A teacher writes rationale + answer for each prompt (local model or server)."""
-    from distill.chat_client import ServerSettings
+    from distill.pipeline.chat_client import ServerSettings
     from distill.errors import ConfigError
-    from distill.generate import GenerateSettings, run_generate
+    from distill.pipeline.generate import GenerateSettings, run_generate
 
     settings = GenerateSettings(temperature, top_p, top_k, max_new_tokens, samples, seed, system)
     remote = None
@@ -144,7 +144,7 @@ def curate(
     from rich.console import Console
     from rich.table import Table
 
-    from distill.curate import CurateSettings, write_curated
+    from distill.pipeline.curate import CurateSettings, write_curated
 
     source = Path(generations)
     target = Path(out) if out else (source if source.is_dir() else source.parent) / "curated.jsonl"
@@ -204,7 +204,7 @@ def student(
     seed: Annotated[int, typer.Option(help="Seed of a random init.")] = 0,
 ):
     """Make a smaller student from a teacher: layer drop, narrower, or another family."""
-    from distill.students import make_student
+    from distill.models.students import make_student
 
     kept = None
     if keep is not None:
@@ -222,7 +222,7 @@ def demo(
     seed: Annotated[int, typer.Option(help="Seed of the students' training.")] = 0,
 ):
     """Offline end-to-end demo: teacher, logit-KD student, label-only student, a table and report.html."""
-    from distill.demo import run_demo
+    from distill.pipeline.demo import run_demo
 
     run_demo(Path(out), seed=seed)
 

@@ -16,8 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from pydantic import field_validator, model_serializer, model_validator
 
 from distill.errors import ConfigError
-from distill.gates import METRICS as GATE_METRICS
-from distill.gates import parse_gate
+from distill.eval.gates import METRICS as GATE_METRICS
+from distill.eval.gates import parse_gate
 
 
 class Section(BaseModel):
@@ -235,7 +235,7 @@ class EvalConfig(Section):
     batch_size: int = 128
     """Prompts generated at once."""
     answer_format: str = "auto"
-    """Where the answer is in a generation (`distill.answers`): auto, gsm8k, boxed,
+    """Where the answer is in a generation (`distill.eval.answers`): auto, gsm8k, boxed,
     answer_line, chain or regex:PATTERN. The built-in task always uses chain."""
     teacher: bool = True
     """Also evaluate the run's teacher (when it has one) and compare: top-1 agreement,
@@ -253,7 +253,7 @@ class EvalConfig(Section):
     @field_validator("answer_format")
     @classmethod
     def _known_format(cls, value: str) -> str:
-        from distill.answers import splitter
+        from distill.eval.answers import splitter
 
         try:
             splitter(value)
@@ -283,7 +283,7 @@ class EvalConfig(Section):
 
 
 class _Gates(Section):
-    """Release gates checked by `distill eval --gates` (`distill.gates`): metric -> an operator
+    """Release gates checked by `distill eval --gates` (`distill.eval.gates`): metric -> an operator
     (>=, <=, >, <, ==) then a number, 'teacher' or 'NUMBER * teacher'. Unset gates are off."""
 
     @field_validator("*")
@@ -302,7 +302,7 @@ class _Gates(Section):
         return {k: v for k, v in self.model_dump().items() if v is not None}
 
 
-# One optional expression per gate metric, documented where the metrics are (distill.gates).
+# One optional expression per gate metric, documented where the metrics are (distill.eval.gates).
 GatesConfig = create_model(
     "GatesConfig", __base__=_Gates, **{m: (str | None, Field(None, description=d)) for m, (_, _, d) in GATE_METRICS.items()}
 )

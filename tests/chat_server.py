@@ -22,7 +22,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import torch
 
-from distill.rollout import Sampling, rollout
+from distill.training.rollout import Sampling, rollout
 
 
 class ChatServer:
@@ -119,8 +119,8 @@ class ChatServer:
 
 def tiny_chat_model(seed: int = 0):
     """A tiny random llama over the built-in task's tokenizer."""
-    from distill.models import load_causal_lm
-    from distill.tasks.tokenizer import chain_tokenizer
+    from distill.models.loading import load_causal_lm
+    from distill.data.tasks.tokenizer import chain_tokenizer
 
     tok = chain_tokenizer()
     torch.manual_seed(seed)

@@ -42,7 +42,7 @@ def read_metrics(run_dir) -> list[dict]:
 def crash_at(monkeypatch, step: int, run) -> None:
     """Call run() and make it crash (KeyboardInterrupt) right after optimizer step `step`
     is logged; the training loop is restored afterwards."""
-    import distill.train as train_mod
+    import distill.training.loop as train_mod
 
     real_update = train_mod.Progress.update
 

@@ -10,9 +10,9 @@ import pytest
 from distill.budget import forward_flops, record_phase
 from distill.config import build_config
 from distill.errors import DistillError
-from distill.models import count_parameters
-from distill.runner import run_training
-from distill.train import train
+from distill.models.loading import count_parameters
+from distill.pipeline.runner import run_training
+from distill.training.loop import train
 
 
 def test_record_phase_adds_replaces_and_keeps_unknowns(tmp_path):
@@ -51,7 +51,7 @@ def test_a_run_records_every_phase_with_shares(tiny_tree):
     train_p, teacher_p = phases["student_training"], phases["teacher_scoring"]
     assert train_p["tokens"] == teacher_p["tokens"] == summary["tokens"]
     assert train_p["flops"] == 6 * summary["params"] * summary["tokens"]
-    from distill.build import build_models
+    from distill.models.build import build_models
 
     teacher = build_models(build_config(tiny_tree))[1]
     assert teacher_p["flops"] == 2 * count_parameters(teacher) * summary["tokens"]
@@ -93,7 +93,7 @@ def test_a_crash_loses_no_recorded_work(tiny_tree, monkeypatch):
 
 
 def test_cache_and_generation_phases_are_copied(tiny_tree, tmp_path):
-    from distill.teacher_cache import write_teacher_cache
+    from distill.data.teacher_cache import write_teacher_cache
 
     gen_dir = tmp_path / "generated"  # a `distill generate` folder: its rows and budget
     gen_dir.mkdir()

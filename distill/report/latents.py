@@ -14,7 +14,7 @@ page (plotly.js inline, the data as JSON in the page, no network):
   (lambda = RIDGE * mean squared singular value of the student states); both are then
   projected into the page's basis. The map is the best linear read-out of the student and
   so flatters it: what is still off on the plot is geometry no linear map repairs;
-- linear CKA per step (`distill.alignment.linear_cka`) between the teacher states and the
+- linear CKA per step (`distill.training.alignment.linear_cka`) between the teacher states and the
   states the run offers: the projected states for feature KD, the raw student states for a
   logit-only run (the ridge map is fitted on the probe itself, so its CKA would be inflated);
 - a class per probe token (see `token_classes`), a fixed-seed subsample of at most
@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from distill.alignment import linear_cka
+from distill.training.alignment import linear_cka
 from distill.errors import DistillError
 from distill.paths import atomic_write_text
 

@@ -1,0 +1,126 @@
+"""Datasets as (prompt, completion) rows, tokenized with the prompt masked out of the loss.
+
+Sources: the built-in task (`builtin:chain`) or a JSONL file of {"prompt", "completion"}
+rows ({"text"} alone is a completion with an empty prompt). The order of examples is a
+pure function of (seed, step), so a resumed or multi-process run sees exactly the batches
+an uninterrupted single-process run would.
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from distill.errors import DistillError
+from distill.loss.token_losses import IGNORE_INDEX
+from distill.paths import jsonl_objects
+from distill.data.tasks import chain
+
+
+
+@dataclass(frozen=True)
+class Row:
+    prompt: str
+    completion: str
+    answer: str | None = None  # gold answer, where exact grading is possible
+    rationale: str | None = None  # the reasoning before the answer (step-by-step training)
+
+
+def builtin_rows(split: str, n: int, seed: int, min_ops: int, max_ops: int) -> list[Row]:
+    return [
+        Row(p.prompt, p.target, p.answer, p.rationale)
+        for p in chain.generate_split(split, n, seed=seed, min_ops=min_ops, max_ops=max_ops)
+    ]
+
+
+def read_jsonl(path: str | Path) -> list[Row]:
+    """Read prompt/completion rows; a bad line is an error naming the file and line."""
+    rows = []
+    for where, obj in jsonl_objects(path, "dataset file"):
+        if "completion" not in obj and "text" not in obj:
+            raise DistillError(f"{where}: a row needs 'completion' (with 'prompt') or 'text'")
+        completion = obj.get("completion", obj.get("text"))
+        prompt = obj.get("prompt", "")
+        answer, rationale = obj.get("answer"), obj.get("rationale")
+        for key, val in (("prompt", prompt), ("completion", completion), ("rationale", rationale or "")):
+            if not isinstance(val, str):
+                raise DistillError(f"{where}: '{key}' must be a string, got {type(val).__name__}")
+        if not completion:
+            raise DistillError(f"{where}: empty completion")
+        rows.append(Row(prompt, completion, None if answer is None else str(answer), rationale))
+    if not rows:
+        raise DistillError(f"{path}: the dataset is empty")
+    return rows
+
+
+def load_rows(source: str, split: str, n: int, seed: int, min_ops: int, max_ops: int) -> list[Row]:
+    if source == "builtin:chain":
+        return builtin_rows(split, n, seed, min_ops, max_ops)
+    if source.startswith("builtin:"):
+        raise DistillError(f"unknown built-in dataset '{source}' (available: builtin:chain)")
+    return read_jsonl(source)
+
+
+@dataclass(frozen=True)
+class Example:
+    input_ids: list[int]
+    labels: list[int]  # IGNORE_INDEX on prompt tokens
+
+
+def tokenize_rows(rows: list[Row], tokenizer, max_length: int, source: str = "data") -> list[Example]:
+    """prompt + completion + EOS; the loss falls on completion and EOS only."""
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise DistillError("the tokenizer has no eos_token: completions could never end")
+    prompts = tokenizer([r.prompt for r in rows], add_special_tokens=False).input_ids
+    completions = tokenizer([r.completion for r in rows], add_special_tokens=False).input_ids
+    out = []
+    for i, (p, c) in enumerate(zip(prompts, completions)):
+        ids = p + c + [eos]
+        if len(ids) > max_length:
+            raise DistillError(f"{source}: row {i + 1} is {len(ids)} tokens, over data.max_length={max_length}")
+        out.append(Example(ids, [IGNORE_INDEX] * len(p) + c + [eos]))
+    return out
+
+
+def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest example. Returns input_ids, attention_mask, labels: (B, T)."""
+    T = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), T), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), T), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(examples), T), dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e.input_ids)
+        ids[i, :n] = torch.tensor(e.input_ids)
+        labels[i, :n] = torch.tensor(e.labels)
+        mask[i, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def global_batch_indices(step: int, n_examples: int, global_batch: int, seed: int) -> list[int]:
+    """Example indices of optimizer step `step`: a fresh permutation each epoch, by seed.
+
+    Depends only on (step, sizes, seed), never on how many processes or micro-batches
+    share the work, so every layout trains on the same examples in the same order.
+    """
+    out = []
+    start = step * global_batch
+    while len(out) < global_batch:
+        epoch, offset = divmod(start + len(out), n_examples)
+        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        perm = torch.randperm(n_examples, generator=g)
+        take = min(global_batch - len(out), n_examples - offset)
+        out += perm[offset : offset + take].tolist()
+    return out
+
+
+def micro_batches(
+    indices: list[int], rank: int, world_size: int, micro_batch_size: int
+) -> list[list[int]]:
+    """This process's share of a global batch, split into micro-batches.
+
+    Rank r takes micro-batches r, r + world, r + 2 * world, ... so the global order of
+    micro-batches is the same as in one process with more accumulation.
+    """
+    chunks = [indices[i : i + micro_batch_size] for i in range(0, len(indices), micro_batch_size)]
+    return chunks[rank::world_size]

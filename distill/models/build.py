@@ -1,0 +1,112 @@
+"""Builders: config sections -> objects (models, tokenizers, datasets)."""
+
+import hashlib
+import json
+
+import torch
+
+from distill.config import DataConfig, ModelConfig, RunConfig
+from distill.data.rows import Example, Row, load_rows, tokenize_rows
+from distill.errors import ConfigError
+from distill.models.loading import check_vocabularies, load_causal_lm, load_tokenizer
+from distill.data.tasks.tokenizer import chain_tokenizer
+
+
+def build_tokenizer(mcfg: ModelConfig, role: str):
+    if mcfg.tokenizer == "builtin":
+        return chain_tokenizer()
+    if mcfg.tokenizer is not None:
+        return load_tokenizer(mcfg.tokenizer)
+    if mcfg.name is None:
+        raise ConfigError(f"{role}.tokenizer is required with an inline {role}.config ('builtin' or a hub id/folder)")
+    return load_tokenizer(mcfg.name, mcfg.gguf_file)
+
+
+def build_model(mcfg: ModelConfig, tokenizer, role: str, seed: int):
+    """Load or create a causal LM. Inline configs get the tokenizer's size and special ids."""
+    if mcfg.config is not None:
+        config = dict(mcfg.config)
+        config.setdefault("vocab_size", len(tokenizer))
+        for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
+            if getattr(tokenizer, key, None) is not None:
+                config.setdefault(key, getattr(tokenizer, key))
+        torch.manual_seed(seed)  # the same seed gives the same initial weights
+        return load_causal_lm(config=config, dtype=mcfg.dtype)
+    return load_causal_lm(name=mcfg.name, gguf_file=mcfg.gguf_file, dtype=mcfg.dtype)
+
+
+def model_id(mcfg: ModelConfig, seed: int) -> str:
+    """A stable identity of a model source: its name (and GGUF file), or its inline config
+    and init seed."""
+    if mcfg.name is not None:
+        return mcfg.name if mcfg.gguf_file is None else f"{mcfg.name}::{mcfg.gguf_file}"
+    digest = hashlib.sha256(json.dumps(mcfg.config, sort_keys=True).encode()).hexdigest()[:12]
+    return f"inline:{digest}:seed{seed}"
+
+
+def output_size(model) -> int:
+    return model.get_output_embeddings().weight.shape[0]
+
+
+def build_models(cfg: RunConfig):
+    """Student, teacher (or None), the student's tokenizer and the shared real vocab size."""
+    s_tok = build_tokenizer(cfg.student, "student")
+    student = build_model(cfg.student, s_tok, "student", cfg.train.seed)
+    needed = cfg.objective.alpha > 0 or cfg.features.weight > 0
+    if not needed or cfg.teacher is None or cfg.teacher_cache is not None:
+        return student, None, s_tok, len(s_tok)  # a cached teacher is never loaded
+    teacher, _, vocab = build_teacher(cfg, s_tok, student)
+    return student, teacher, s_tok, vocab
+
+
+def build_teacher(cfg: RunConfig, student_tokenizer, student):
+    """The run's teacher (frozen, eval mode), its tokenizer and the vocabulary size it shares
+    with the student (a mismatch is an error)."""
+    t_tok = build_tokenizer(cfg.teacher, "teacher")
+    teacher = build_model(cfg.teacher, t_tok, "teacher", cfg.train.seed + 1)
+    vocab = check_vocabularies(t_tok, student_tokenizer, output_size(teacher), output_size(student))
+    teacher.eval().requires_grad_(False)
+    return teacher, t_tok, vocab
+
+
+def build_rows(dcfg: DataConfig, split: str) -> list[Row]:
+    if split == "train":
+        return load_rows(dcfg.source, "train", dcfg.n_train, dcfg.seed, dcfg.min_ops, dcfg.max_ops)
+    if dcfg.source.startswith("builtin:"):
+        return load_rows(dcfg.source, split, dcfg.n_test, dcfg.seed, dcfg.min_ops, dcfg.max_ops)
+    if dcfg.eval_source is None:
+        return []
+    return load_rows(dcfg.eval_source, split, dcfg.n_test, dcfg.seed, dcfg.min_ops, dcfg.max_ops)[: dcfg.n_test]
+
+
+def build_examples(dcfg: DataConfig, tokenizer) -> list[Example]:
+    rows = build_rows(dcfg, "train")
+    return tokenize_rows(rows, tokenizer, dcfg.max_length, source=dcfg.source)
+
+
+def build_task_examples(cfg: RunConfig, tokenizer) -> list[list[Example]]:
+    """Training examples per task (`distill.data.rationale`): one list, or the label and the
+    rationale task's lists of step-by-step multitask training, aligned by row."""
+    from distill.data.rationale import task_rows
+
+    rows = build_rows(cfg.data, "train")
+    tasks = task_rows(rows, cfg.rationale, cfg.data.source)
+    return [tokenize_rows(r, tokenizer, cfg.data.max_length, source=cfg.data.source) for r in tasks]
+
+
+def build_teacher_cache(cfg: RunConfig, tokenizer, examples: list[Example], student_vocab: int):
+    """The run's verified `TeacherCache`, or None without `teacher_cache` (or at alpha = 0)."""
+    from distill.data.teacher_cache import TeacherCache, dataset_hash, tokenizer_hash
+
+    if cfg.teacher_cache is None or cfg.objective.alpha == 0:
+        return None
+    expected = {
+        "tokenizer_hash": tokenizer_hash(tokenizer),
+        "dataset_hash": dataset_hash(examples),
+        "temperature": cfg.objective.temperature,
+        "teacher": None if cfg.teacher is None else model_id(cfg.teacher, cfg.train.seed + 1),
+    }
+    cache = TeacherCache(cfg.teacher_cache, expected)
+    if cache.vocab_size > student_vocab:
+        raise ConfigError(f"teacher_cache: vocabulary {cache.vocab_size} > the student's output size {student_vocab}")
+    return cache

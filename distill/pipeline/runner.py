@@ -1,0 +1,90 @@
+"""Run-level steps shared by the CLI and the demo: train then evaluate, evaluate a run."""
+
+import os
+from pathlib import Path
+
+import torch
+
+from distill.budget import record_phase
+from distill.models.build import build_rows, build_teacher
+from distill.config import RunConfig, load_config
+from distill.errors import ConfigError, DistillError
+from distill.eval.evaluate import evaluate_rows, load_student
+from distill.eval.gates import check_gates
+from distill.paths import atomic_write_json
+from distill.data.rationale import eval_rows
+from distill.training.loop import train
+
+
+def _is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def load_eval_teacher(cfg: RunConfig, tokenizer, student):
+    """The run's teacher for evaluation (as training builds it), its tokenizer and the shared
+    vocabulary size; (None, None, None) without a teacher or with eval.teacher=false."""
+    if cfg.teacher is None or not cfg.eval.teacher:
+        return None, None, None
+    teacher, t_tok, vocab = build_teacher(cfg, tokenizer, student)
+    return teacher.to(next(student.parameters()).device), t_tok, vocab
+
+
+def default_format_regex(cfg: RunConfig) -> str | None:
+    """eval.format_regex, else the built-in task's own format (the answer digit alone for the
+    label task of answer_only / multitask), else None (format adherence not measured)."""
+    from distill.data.tasks import chain
+
+    if cfg.eval.format_regex is not None or cfg.data.source != "builtin:chain":
+        return cfg.eval.format_regex
+    if cfg.eval.format_json_schema is not None:
+        return None
+    return chain.FORMAT_REGEX if cfg.rationale.mode == "completion" else chain.ANSWER_REGEX
+
+
+def evaluate_run(cfg: RunConfig, model, tokenizer, run_dir: Path | None) -> dict:
+    """Evaluate `model` on the run's held-out split (with the run's teacher when it has one)
+    and check its gates; in a run directory, write eval.json and the evaluation's budget."""
+    rows = eval_rows(build_rows(cfg.data, "test"), cfg.rationale)
+    gates = cfg.gates.expressions()
+    if not rows:  # nothing to evaluate on: every gate fails for want of its metric
+        return {"n": 0, **({"gates": check_gates(gates, {})} if gates else {})}
+    fmt = "chain" if cfg.data.source == "builtin:chain" else cfg.eval.answer_format
+    direct = cfg.rationale.mode != "completion"
+    if torch.cuda.is_available() and cfg.train.device == "auto":
+        model.to("cuda")  # the teacher follows the student's device
+    teacher, t_tok, vocab = load_eval_teacher(cfg, tokenizer, model)
+    result, usage = evaluate_rows(
+        model, tokenizer, rows, cfg.eval, cfg.data.max_length, fmt, direct, default_format_regex(cfg), teacher, t_tok, vocab
+    )
+    if gates:
+        result["gates"] = check_gates(gates, result)
+    if run_dir is not None:
+        atomic_write_json(run_dir / "eval.json", result)
+        record_phase(run_dir / "budget.json", "evaluation", add=usage)
+    return result
+
+
+def run_training(cfg: RunConfig, resume: bool = False, evaluate: bool = True, show_progress: bool = True) -> dict:
+    summary = train(cfg, resume=resume, show_progress=show_progress)
+    result = {"run_dir": cfg.out_dir, "train": summary}
+    if evaluate and _is_main_process():
+        model, tokenizer = load_student(cfg.out_dir)
+        result["eval"] = {k: v for k, v in evaluate_run(cfg, model, tokenizer, Path(cfg.out_dir)).items() if k != "samples"}
+    return result
+
+
+def run_eval(path: str, config: str | None = None, gates: bool = False) -> dict:
+    """Evaluate a run directory or a model folder (with --config for its data); gates: the
+    config must set release gates (they are checked either way when set)."""
+    p = Path(path)
+    if not p.exists():
+        raise DistillError(f"not found: {p}")
+    cfg_path = Path(config) if config else p / "config.yaml"
+    if not cfg_path.exists():
+        raise DistillError(f"{p} is not a run directory; pass --config RUN.yaml to say which data to evaluate on")
+    cfg = load_config(cfg_path)
+    if gates and not cfg.gates.expressions():
+        raise ConfigError(f"{cfg_path}: --gates, but the config sets no 'gates' (e.g. gates.accuracy: '>= 0.9 * teacher')")
+    model, tokenizer = load_student(p)
+    run_dir = p if (p / "config.yaml").exists() else None
+    return evaluate_run(cfg, model, tokenizer, run_dir)

@@ -1,0 +1,46 @@
+"""The run directory: every file and folder name a run writes, in one place.
+
+    RUN/config.yaml            the resolved config
+    RUN/metrics.jsonl          one record per optimizer step
+    RUN/alignment.jsonl        CKA per layer pair at probe steps (runs with a teacher model)
+    RUN/checkpoints/step-N/    what a resume needs (`distill.training.checkpoint`)
+    RUN/student/               save_pretrained student + tokenizer
+    RUN/projectors/            feature projectors (runs with a feature term)
+    RUN/latents/               probe states at step 0 and each checkpoint
+    RUN/train_summary.json     steps, tokens, wall time, ...
+    RUN/eval.json              held-out evaluation
+    RUN/budget.json            tokens, FLOPs and seconds per phase
+"""
+
+from pathlib import Path
+
+CONFIG = "config.yaml"
+METRICS = "metrics.jsonl"
+ALIGNMENT = "alignment.jsonl"
+CHECKPOINTS = "checkpoints"
+STUDENT = "student"
+PROJECTORS = "projectors"
+LATENTS = "latents"
+TRAIN_SUMMARY = "train_summary.json"
+EVAL = "eval.json"
+BUDGET = "budget.json"
+CHECKPOINT_STATE = "state.json"  # inside a checkpoint: its step, written last
+
+
+def step_name(step: int) -> str:
+    """`step-000042`: checkpoint folders and latent snapshots sort by step."""
+    return f"step-{step:06d}"
+
+
+def checkpoint_dir(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / CHECKPOINTS / step_name(step)
+
+
+def checkpoints(run_dir: Path) -> list[Path]:
+    """The run's complete checkpoints, oldest first (temp folders of a cut save excluded)."""
+    return sorted((Path(run_dir) / CHECKPOINTS).glob("step-*"))
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    found = checkpoints(run_dir)
+    return found[-1] if found else None

@@ -1,0 +1,80 @@
+"""The on-policy batch source (GKD): completions sampled from the student, for the teacher
+to score.
+
+At each optimizer step one draw from (seed, step) decides, with probability lmbda, whether
+the step's prompts get student-sampled completions; every process computes the same draw,
+so all ranks take the same kind of step without talking. Each process samples the
+completions of all its micro-batches in one rollout (not one per micro-batch), with the
+weights of the start of the step, then splits them back into micro-batches. The prompt
+stays masked out of the loss; the completion (and EOS when sampled) is what the teacher
+and student are compared on.
+"""
+
+import torch
+
+from distill.config import OnPolicyConfig
+from distill.data.rows import Example
+from distill.errors import DistillError
+from distill.loss.token_losses import IGNORE_INDEX
+from distill.training.rollout import Rollout, Sampling, rollout
+
+
+def sampling_of(cfg: OnPolicyConfig) -> Sampling:
+    return Sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, cfg.min_new_tokens)
+
+
+def is_on_policy_step(seed: int, step: int, lmbda: float) -> bool:
+    """The step's draw: a pure function of (seed, step), identical on every process."""
+    if lmbda <= 0:
+        return False
+    g = torch.Generator().manual_seed(seed * 1_000_003 + step + 7_777)
+    return torch.rand(1, generator=g, dtype=torch.float64).item() < lmbda
+
+
+def example_seed(seed: int, step: int, index: int) -> int:
+    """The sampling seed of one example at one step: rows do not share noise, and a resumed
+    run redraws exactly what the uninterrupted one drew."""
+    return ((seed * 1_000_003 + step) * 1_000_033 + index) % (2**63)
+
+
+def prompt_length(example: Example) -> int:
+    """Tokens before the first supervised label (the prompt)."""
+    for i, label in enumerate(example.labels):
+        if label != IGNORE_INDEX:
+            return i
+    return len(example.labels)
+
+
+def check_prompts(examples: list[Example], max_new_tokens: int, max_length: int) -> None:
+    """Every example needs a prompt to sample from, and room for a full completion."""
+    for i, e in enumerate(examples):
+        n = prompt_length(e)
+        if n == 0:
+            raise DistillError(f"on_policy: training row {i + 1} has an empty prompt; student samples need a prompt to continue")
+        if n + max_new_tokens > max_length:
+            raise DistillError(
+                f"on_policy: training row {i + 1} has a {n}-token prompt; with on_policy.max_new_tokens={max_new_tokens} "
+                f"it can exceed data.max_length={max_length}"
+            )
+
+
+def sample_examples(
+    model, examples: list[Example], indices: list[int], cfg: OnPolicyConfig, eos_id: int, pad_id: int, seed: int, step: int
+) -> tuple[list[Example], Rollout]:
+    """The examples at `indices` with their completions replaced by student samples
+    (labels: IGNORE_INDEX on the prompt, the sampled ids after it)."""
+    prompts = [examples[i].input_ids[: prompt_length(examples[i])] for i in indices]
+    seeds = [example_seed(seed, step, i) for i in indices]
+    size = cfg.rollout_batch_size or max(len(prompts), 1)
+    was_training = model.training
+    model.eval()
+    try:
+        parts = [
+            rollout(model, prompts[j : j + size], sampling_of(cfg), eos_id, pad_id, seeds[j : j + size])
+            for j in range(0, len(prompts), size)
+        ]
+    finally:
+        model.train(was_training)
+    done = Rollout([c for p in parts for c in p.completions], [e for p in parts for e in p.ended])
+    out = [Example(p + c, [IGNORE_INDEX] * len(p) + c) for p, c in zip(prompts, done.completions)]
+    return out, done

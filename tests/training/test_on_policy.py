@@ -1,0 +1,179 @@
+"""On-policy distillation in the training loop: the lambda draw, one rollout per optimizer
+step, prompt masking, lambda = 0 == off-policy, resume, and config errors."""
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import distill.training.on_policy as on_policy_mod
+from distill.models.build import build_examples, build_models
+from distill.config import OnPolicyConfig, build_config
+from distill.data.rows import collate
+from distill.errors import ConfigError, DistillError
+from distill.loss.token_losses import IGNORE_INDEX
+from distill.loss.terms import fused_term_sums, term_sums
+from distill.training.on_policy import is_on_policy_step, prompt_length, sample_examples
+from distill.training.loop import train
+
+from conftest import crash_at, read_metrics
+
+
+def _on_policy(tree, **sampling) -> dict:
+    tree = copy.deepcopy(tree)
+    tree["on_policy"] = {"lmbda": 1.0, "max_new_tokens": 12, **sampling}
+    return tree
+
+
+def _weights(run_dir) -> dict[str, torch.Tensor]:
+    return load_file(str(Path(run_dir) / "student" / "model.safetensors"))
+
+
+def test_lambda_draw_is_a_function_of_seed_and_step():
+    draws = [is_on_policy_step(0, s, 0.5) for s in range(2000)]
+    assert draws == [is_on_policy_step(0, s, 0.5) for s in range(2000)]  # same on every call (and rank)
+    assert 0.45 < sum(draws) / len(draws) < 0.55
+    assert draws != [is_on_policy_step(1, s, 0.5) for s in range(2000)]
+    assert not any(is_on_policy_step(0, s, 0.0) for s in range(200))
+    assert all(is_on_policy_step(0, s, 1.0) for s in range(200))
+
+
+def test_lambda_zero_reproduces_the_off_policy_run(tiny_tree, tmp_path):
+    off, zero = copy.deepcopy(tiny_tree), _on_policy(tiny_tree, temperature=0.7, top_k=5)
+    zero["on_policy"]["lmbda"] = 0.0
+    zero["objective"]["divergence"] = off["objective"]["divergence"] = "jsd"
+    off["out_dir"], zero["out_dir"] = str(tmp_path / "off"), str(tmp_path / "zero")
+    train(build_config(off), show_progress=False)
+    train(build_config(zero), show_progress=False)
+    drop = ("tokens_per_s", "step_s", "teacher_s")
+    m_off = [{k: v for k, v in m.items() if k not in drop} for m in read_metrics(off["out_dir"])]
+    m_zero = [{k: v for k, v in m.items() if k not in drop} for m in read_metrics(zero["out_dir"])]
+    assert m_zero == m_off  # bit for bit
+    w_off, w_zero = _weights(off["out_dir"]), _weights(zero["out_dir"])
+    assert all(torch.equal(w_off[k], w_zero[k]) for k in w_off)
+
+
+def test_on_policy_run_scores_student_samples(tiny_tree, monkeypatch):
+    tree = _on_policy(tiny_tree)
+    tree["train"].update(micro_batch_size=2, grad_accum=4, steps=3)
+    calls = []
+    real = on_policy_mod.rollout
+
+    def counting(model, prompts, *args, **kwargs):
+        calls.append(len(prompts))
+        assert not model.training  # sampled in eval mode
+        return real(model, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(on_policy_mod, "rollout", counting)
+    train(build_config(tree), show_progress=False)
+    assert calls == [8, 8, 8]  # one rollout per optimizer step, for all 4 micro-batches
+    metrics = read_metrics(tree["out_dir"])
+    assert [m["policy_step"] for m in metrics] == [0, 1, 2]  # the weights at the start of the step
+    for m in metrics:
+        assert m["on_policy"] and "task_ce" not in m
+        assert m["valid_tokens"] == m["generated_tokens"]  # the teacher scored every sampled token, nothing else
+        assert 0 < m["generated_tokens"] <= 8 * 12 and m["kd"] >= 0 and m["rollout_s"] > 0
+    assert build_config(tree).objective.divergence == "jsd"  # GKD's default divergence
+
+
+def test_rollout_batch_size_splits_the_rollout(tiny_tree, monkeypatch):
+    tree = _on_policy(tiny_tree, rollout_batch_size=3)
+    tree["train"].update(steps=1)
+    calls = []
+    real = on_policy_mod.rollout
+    monkeypatch.setattr(on_policy_mod, "rollout", lambda m, p, *a, **k: calls.append(len(p)) or real(m, p, *a, **k))
+    train(build_config(tree), show_progress=False)
+    assert calls == [3, 3, 2]
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_prompt_tokens_get_no_loss(tiny_tree, fused):
+    """The gradient reaching the student at positions that predict prompt tokens is exactly 0;
+    at the positions that predict sampled tokens it is not."""
+    cfg = build_config(_on_policy(tiny_tree))
+    student, teacher, tok, vocab = build_models(cfg)
+    examples = build_examples(cfg.data, tok)
+    sampled, _ = sample_examples(student, examples, [0, 1, 2, 3], cfg.on_policy, tok.eos_token_id, tok.pad_token_id, 0, 0)
+    for orig, new in zip(examples, sampled):
+        n = prompt_length(orig)
+        assert new.input_ids[:n] == orig.input_ids[:n] and new.labels[:n] == [IGNORE_INDEX] * n
+        assert all(label != IGNORE_INDEX for label in new.labels[n:])
+    batch = collate(sampled, tok.pad_token_id)
+    kw = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "output_hidden_states": True}
+    s_states = student(**kw).hidden_states[-1].detach().requires_grad_(True)
+    with torch.no_grad():
+        t_states = teacher(**kw).hidden_states[-1]
+    if fused:
+        loss, _ = fused_term_sums(
+            s_states, student.get_output_embeddings(), t_states, teacher.get_output_embeddings(), batch["labels"],
+            vocab, 0.0, 1.0, 2.0, "jsd", {"beta": 0.5},
+        )
+    else:
+        logits = student.get_output_embeddings()(s_states)
+        t_logits = teacher.get_output_embeddings()(t_states)
+        loss = term_sums(logits, batch["labels"], t_logits, vocab, 2.0, "jsd", {"beta": 0.5})["kd"]
+    loss.backward()
+    grad = s_states.grad.abs().sum(-1)  # (B, T): position t predicts token t + 1
+    predicts_completion = torch.zeros_like(grad, dtype=torch.bool)
+    predicts_completion[:, :-1] = batch["labels"][:, 1:] != IGNORE_INDEX
+    assert (grad[~predicts_completion] == 0).all()
+    assert (grad[predicts_completion] > 0).all()
+
+
+def test_on_policy_resume_equals_uninterrupted(tiny_tree, tmp_path, monkeypatch):
+    tree = _on_policy(tiny_tree, temperature=1.0)
+    tree["on_policy"]["lmbda"] = 0.5
+    tree["train"].update(steps=6, checkpoint_every=3)
+    full, cut = copy.deepcopy(tree), copy.deepcopy(tree)
+    full["out_dir"], cut["out_dir"] = str(tmp_path / "full"), str(tmp_path / "cut")
+    train(build_config(full), show_progress=False)
+    crash_at(monkeypatch, 5, lambda: train(build_config(cut), show_progress=False))
+    train(build_config(cut), resume=True, show_progress=False)
+    mf, mc = read_metrics(full["out_dir"]), read_metrics(cut["out_dir"])
+    assert [m["on_policy"] for m in mc] == [m["on_policy"] for m in mf]
+    assert 0 < sum(m["on_policy"] for m in mf) < 6  # both kinds of step happen
+    assert [m.get("generated_tokens") for m in mc] == [m.get("generated_tokens") for m in mf]
+    for x, y in zip(mf, mc):
+        assert y["loss"] == pytest.approx(x["loss"], abs=1e-6, rel=0)
+    wf, wc = _weights(full["out_dir"]), _weights(cut["out_dir"])
+    for k in wf:
+        torch.testing.assert_close(wc[k], wf[k], atol=1e-6, rtol=0)
+
+
+def test_on_policy_config_errors(tiny_tree, tmp_path):
+    no_teacher = _on_policy(tiny_tree)
+    del no_teacher["teacher"]
+    no_teacher["objective"]["alpha"] = 0.0
+    with pytest.raises(ConfigError, match="on_policy.lmbda > 0 needs a live 'teacher'"):
+        build_config(no_teacher)
+    cached = _on_policy(tiny_tree)
+    cached["teacher_cache"] = str(tmp_path)
+    with pytest.raises(ConfigError, match="teacher_cache only covers the dataset"):
+        build_config(cached)
+    with pytest.raises(ConfigError, match="top_p"):
+        build_config({**_on_policy(tiny_tree), "on_policy": {"lmbda": 1.0, "top_p": 0.0}})
+    explicit = _on_policy(tiny_tree)
+    explicit["objective"]["divergence"] = "reverse_kl"
+    assert build_config(explicit).objective.divergence == "reverse_kl"
+
+
+def test_prompts_must_fit_and_exist(tiny_tree, tmp_path):
+    long = _on_policy(tiny_tree, max_new_tokens=200)
+    long["data"]["max_length"] = 64
+    with pytest.raises(DistillError, match=r"training row 1 has a \d+-token prompt.*data.max_length=64"):
+        train(build_config(long), show_progress=False)
+    data = tmp_path / "rows.jsonl"
+    data.write_text('{"prompt": "Q:1+2=", "completion": "1+2=3#3"}\n{"text": "1+1=2#2"}\n')
+    empty = _on_policy(tiny_tree)
+    empty["data"] = {"source": str(data)}
+    with pytest.raises(DistillError, match="training row 2 has an empty prompt"):
+        train(build_config(empty), show_progress=False)
+    assert not Path(empty["out_dir"]).exists()  # stopped before writing anything
+
+
+def test_sampling_settings_reach_the_rollout():
+    cfg = OnPolicyConfig(lmbda=1.0, max_new_tokens=7, temperature=0.3, top_k=5, top_p=0.8, min_new_tokens=2)
+    s = on_policy_mod.sampling_of(cfg)
+    assert (s.max_new_tokens, s.temperature, s.top_k, s.top_p, s.min_new_tokens) == (7, 0.3, 5, 0.8, 2)
