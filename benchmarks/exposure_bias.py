@@ -103,9 +103,9 @@ def sampled_accuracy(run_dir: Path, n_test: int, seed: int) -> float:
     import torch
 
     from distill.data.rows import builtin_rows
+    from distill.data.tasks.chain import grade
     from distill.eval.evaluate import generate_sampled, load_student
     from distill.training.rollout import Sampling
-    from distill.data.tasks.chain import grade
 
     torch.set_num_threads(1)
     model, tok = load_student(run_dir)

@@ -144,9 +144,10 @@ def run_builtin(args, work: Path) -> dict:
 
 
 def run_smollm2(args, work: Path) -> dict:
-    from distill.models.build import build_examples, build_tokenizer
     from distill.config import DataConfig, ModelConfig, build_config
+    from distill.data.build import build_examples
     from distill.eval.evaluate import load_student
+    from distill.models.build import build_tokenizer
     from distill.models.loading import load_causal_lm
     from distill.models.students import make_student
     from distill.training.loop import train

@@ -32,8 +32,8 @@ MODES = ("answer_only", "multitask", "completion")
 def prepare(out: Path, n: int, samples: int) -> tuple[Path, Path, dict, dict]:
     from rich.console import Console
 
-    from distill.pipeline.curate import CurateSettings, write_curated
     from distill.data.rows import builtin_rows
+    from distill.pipeline.curate import CurateSettings, write_curated
     from distill.pipeline.demo import cached_teacher
     from distill.pipeline.generate import GenerateSettings, run_generate
 

@@ -129,11 +129,13 @@ def main() -> None:
                         help="which students to train (the live ones are deterministic per seed)")  # fmt: skip
     args = parser.parse_args()
 
-    from distill.models.build import build_examples, build_tokenizer
     from distill.config import DataConfig, build_config
+    from distill.data.build import build_examples
+    from distill.data.teacher_cache import TeacherCache
     from distill.eval.evaluate import load_student
+    from distill.models.build import build_tokenizer
     from distill.models.loading import load_causal_lm
-    from distill.data.teacher_cache import TeacherCache, write_teacher_cache
+    from distill.pipeline.cache import write_teacher_cache
     from distill.training.loop import train
 
     work = Path(args.work)

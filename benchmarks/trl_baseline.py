@@ -81,9 +81,8 @@ def main(a):
     assert all(tok(p).input_ids == i for p, i in zip(prompts, ids)), "tokenizer adds special tokens"
 
     if a.gpu:  # the shapes of on_policy.py, random init (speed does not depend on the values)
-        from transformers import AutoConfig
-
         from on_policy import QWEN_05B, QWEN_15B
+        from transformers import AutoConfig
 
         def shape(cfg, seed):
             torch.manual_seed(seed)

@@ -73,7 +73,7 @@ def cache(
 ):
     """Run the teacher once over the training data; store its top-k per token for `teacher_cache=`."""
     from distill.config import load_config
-    from distill.data.teacher_cache import write_teacher_cache
+    from distill.pipeline.cache import write_teacher_cache
 
     cfg = load_config(config, overrides or [])
     manifest = write_teacher_cache(cfg, out, top_k, dtype, shard_examples, batch_size)
@@ -109,8 +109,8 @@ def generate(
     teacher_params: Annotated[int | None, typer.Option(help="Server: the teacher's parameter count, for the FLOPs estimate.")] = None,
 ):
     """A teacher writes rationale + answer for each prompt (local model or server)."""
-    from distill.pipeline.chat_client import ServerSettings
     from distill.errors import ConfigError
+    from distill.pipeline.chat_client import ServerSettings
     from distill.pipeline.generate import GenerateSettings, run_generate
 
     settings = GenerateSettings(temperature, top_p, top_k, max_new_tokens, samples, seed, system)

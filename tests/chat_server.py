@@ -119,8 +119,8 @@ class ChatServer:
 
 def tiny_chat_model(seed: int = 0):
     """A tiny random llama over the built-in task's tokenizer."""
-    from distill.models.loading import load_causal_lm
     from distill.data.tasks.tokenizer import chain_tokenizer
+    from distill.models.loading import load_causal_lm
 
     tok = chain_tokenizer()
     torch.manual_seed(seed)

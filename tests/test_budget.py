@@ -93,7 +93,7 @@ def test_a_crash_loses_no_recorded_work(tiny_tree, monkeypatch):
 
 
 def test_cache_and_generation_phases_are_copied(tiny_tree, tmp_path):
-    from distill.data.teacher_cache import write_teacher_cache
+    from distill.pipeline.cache import write_teacher_cache
 
     gen_dir = tmp_path / "generated"  # a `distill generate` folder: its rows and budget
     gen_dir.mkdir()

@@ -83,8 +83,8 @@ def test_vocabulary_mismatch(tmp_path):
     """A teacher whose tokenizer maps tokens to other ids cannot be distilled from."""
     from transformers import AutoTokenizer
 
-    from distill.models.loading import load_causal_lm
     from distill.data.tasks.tokenizer import chain_tokenizer
+    from distill.models.loading import load_causal_lm
 
     tok = chain_tokenizer()
     teacher_dir = tmp_path / "teacher"

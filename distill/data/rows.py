@@ -11,11 +11,10 @@ from pathlib import Path
 
 import torch
 
+from distill.data.tasks import chain
 from distill.errors import DistillError
 from distill.loss.token_losses import IGNORE_INDEX
 from distill.paths import jsonl_objects
-from distill.data.tasks import chain
-
 
 
 @dataclass(frozen=True)

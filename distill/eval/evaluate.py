@@ -10,10 +10,10 @@ from pathlib import Path
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from distill.eval import metrics
-from distill.eval.answers import grade, splitter
 from distill.config import EvalConfig
 from distill.data.rows import Row, collate, tokenize_rows
+from distill.eval import metrics
+from distill.eval.answers import grade, splitter
 from distill.training.rollout import Sampling, rollout
 
 

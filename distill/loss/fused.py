@@ -24,8 +24,8 @@ from collections.abc import Callable
 import torch
 from torch.autograd.function import once_differentiable
 
-from distill.loss.divergences import resolve_divergence
 from distill.loss.closed_forms import log_probs_value_and_grad, log_softmax_at, sparse_value_and_grad
+from distill.loss.divergences import resolve_divergence
 from distill.loss.token_losses import IGNORE_INDEX
 
 # Auto chunk: about 2**25 logits (128 MiB in fp32) per (chunk, V) buffer, whatever V is;

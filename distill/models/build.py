@@ -1,15 +1,16 @@
-"""Builders: config sections -> objects (models, tokenizers, datasets)."""
+"""Builders: config sections -> models and tokenizers."""
 
 import hashlib
 import json
 
 import torch
 
-from distill.config import DataConfig, ModelConfig, RunConfig
-from distill.data.rows import Example, Row, load_rows, tokenize_rows
+from distill.config import ModelConfig, RunConfig
+from distill.data.rows import Example
+from distill.data.tasks.tokenizer import chain_tokenizer
+from distill.data.teacher_cache import TeacherCache, dataset_hash, tokenizer_hash
 from distill.errors import ConfigError
 from distill.models.loading import check_vocabularies, load_causal_lm, load_tokenizer
-from distill.data.tasks.tokenizer import chain_tokenizer
 
 
 def build_tokenizer(mcfg: ModelConfig, role: str):
@@ -69,35 +70,8 @@ def build_teacher(cfg: RunConfig, student_tokenizer, student):
     return teacher, t_tok, vocab
 
 
-def build_rows(dcfg: DataConfig, split: str) -> list[Row]:
-    if split == "train":
-        return load_rows(dcfg.source, "train", dcfg.n_train, dcfg.seed, dcfg.min_ops, dcfg.max_ops)
-    if dcfg.source.startswith("builtin:"):
-        return load_rows(dcfg.source, split, dcfg.n_test, dcfg.seed, dcfg.min_ops, dcfg.max_ops)
-    if dcfg.eval_source is None:
-        return []
-    return load_rows(dcfg.eval_source, split, dcfg.n_test, dcfg.seed, dcfg.min_ops, dcfg.max_ops)[: dcfg.n_test]
-
-
-def build_examples(dcfg: DataConfig, tokenizer) -> list[Example]:
-    rows = build_rows(dcfg, "train")
-    return tokenize_rows(rows, tokenizer, dcfg.max_length, source=dcfg.source)
-
-
-def build_task_examples(cfg: RunConfig, tokenizer) -> list[list[Example]]:
-    """Training examples per task (`distill.data.rationale`): one list, or the label and the
-    rationale task's lists of step-by-step multitask training, aligned by row."""
-    from distill.data.rationale import task_rows
-
-    rows = build_rows(cfg.data, "train")
-    tasks = task_rows(rows, cfg.rationale, cfg.data.source)
-    return [tokenize_rows(r, tokenizer, cfg.data.max_length, source=cfg.data.source) for r in tasks]
-
-
 def build_teacher_cache(cfg: RunConfig, tokenizer, examples: list[Example], student_vocab: int):
     """The run's verified `TeacherCache`, or None without `teacher_cache` (or at alpha = 0)."""
-    from distill.data.teacher_cache import TeacherCache, dataset_hash, tokenizer_hash
-
     if cfg.teacher_cache is None or cfg.objective.alpha == 0:
         return None
     expected = {

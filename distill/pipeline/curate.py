@@ -29,8 +29,8 @@ from pathlib import Path
 
 from datasketch import MinHash, MinHashLSH
 
-from distill.eval.answers import consistent, normalize, splitter
 from distill.errors import ConfigError, DistillError
+from distill.eval.answers import consistent, normalize, splitter
 from distill.paths import atomic_write_json, atomic_write_text, jsonl_objects
 
 REASONS = (

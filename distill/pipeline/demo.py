@@ -19,8 +19,8 @@ from distill import __version__
 from distill.config import RunConfig, build_config, dump_config, read_yaml
 from distill.errors import DistillError
 from distill.paths import atomic_write_json, cache_root
-from distill.report import write_report
 from distill.pipeline.runner import run_training
+from distill.report import write_report
 
 
 def packaged_config(name: str) -> dict:

@@ -29,9 +29,9 @@ from pathlib import Path
 import torch
 
 from distill.budget import forward_flops, record_phase
-from distill.pipeline.chat_client import Reply, ServerSettings, complete_all
 from distill.errors import ConfigError, DistillError
 from distill.paths import atomic_write_json, jsonl_objects, read_json
+from distill.pipeline.chat_client import Reply, ServerSettings, complete_all
 from distill.training.rollout import Sampling, rollout
 
 OUTPUT = "generations.jsonl"

@@ -6,13 +6,14 @@ from pathlib import Path
 import torch
 
 from distill.budget import record_phase
-from distill.models.build import build_rows, build_teacher
 from distill.config import RunConfig, load_config
+from distill.data.build import build_rows
+from distill.data.rationale import eval_rows
 from distill.errors import ConfigError, DistillError
 from distill.eval.evaluate import evaluate_rows, load_student
 from distill.eval.gates import check_gates
+from distill.models.build import build_teacher
 from distill.paths import atomic_write_json
-from distill.data.rationale import eval_rows
 from distill.training.loop import train
 
 

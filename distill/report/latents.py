@@ -31,9 +31,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from distill.training.alignment import linear_cka
 from distill.errors import DistillError
 from distill.paths import atomic_write_text
+from distill.training.alignment import linear_cka
 
 MAX_POINTS = 1500  # plotted tokens at most (fixed-seed subsample)
 MAX_LINKS = 150  # student -> teacher lines drawn for this many plotted tokens, evenly spread

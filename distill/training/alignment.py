@@ -17,8 +17,8 @@ import torch
 from safetensors.torch import save_file
 
 from distill.data.rows import Example, collate
-from distill.training.features import Pair, pair_record
 from distill.paths import atomic_write_json
+from distill.training.features import Pair, pair_record
 
 
 def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:

@@ -17,22 +17,12 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
 
-from distill.training.alignment import AlignmentProbe, Probe
 from distill.budget import record_training
-from distill.models.build import build_models, build_rows, build_task_examples, build_teacher_cache, output_size
-from distill.training.checkpoint import load_training_state, save_training_state
 from distill.config import RunConfig, dump_config
+from distill.data.build import build_rows, build_task_examples
+from distill.data.rationale import TASK_NAMES, task_weights
 from distill.data.rows import IGNORE_INDEX, collate, global_batch_indices, micro_batches, tokenize_rows
 from distill.errors import DistillError
-from distill.training.features import (
-    build_projectors,
-    export_projectors,
-    feature_term_sum,
-    kept_layers,
-    layer_pairs,
-    num_layers,
-)
-from distill.models.loading import count_parameters
 from distill.loss.terms import (
     combine,
     fused_sparse_term_sums,
@@ -41,10 +31,21 @@ from distill.loss.terms import (
     sparse_term_sums,
     term_sums,
 )
-from distill.training.on_policy import check_prompts, is_on_policy_step, sample_examples
+from distill.models.build import build_models, build_teacher_cache, output_size
+from distill.models.loading import count_parameters
 from distill.paths import atomic_write_json, atomic_write_text
 from distill.progress import Progress
-from distill.data.rationale import TASK_NAMES, task_weights
+from distill.training.alignment import AlignmentProbe, Probe
+from distill.training.checkpoint import load_training_state, save_training_state
+from distill.training.features import (
+    build_projectors,
+    export_projectors,
+    feature_term_sum,
+    kept_layers,
+    layer_pairs,
+    num_layers,
+)
+from distill.training.on_policy import check_prompts, is_on_policy_step, sample_examples
 
 
 def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:

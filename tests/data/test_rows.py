@@ -3,9 +3,9 @@ import json
 import pytest
 
 from distill.data.rows import IGNORE_INDEX, collate, global_batch_indices, micro_batches, read_jsonl, tokenize_rows
-from distill.errors import DistillError
 from distill.data.tasks.chain import OPS, generate_split, grade
 from distill.data.tasks.tokenizer import chain_tokenizer
+from distill.errors import DistillError
 
 
 def test_chain_problems_are_correct_and_deterministic():

@@ -15,12 +15,14 @@ import yaml
 from safetensors.torch import load_file
 
 import distill.models.build as build_mod
-from distill.models.build import build_examples, build_model, build_tokenizer
 from distill.config import build_config
+from distill.data.build import build_examples
 from distill.data.rows import collate
+from distill.data.teacher_cache import TeacherCache, read_manifest, tokenizer_hash
 from distill.errors import DistillError
 from distill.loss.token_losses import IGNORE_INDEX
-from distill.data.teacher_cache import TeacherCache, read_manifest, tokenizer_hash, write_teacher_cache
+from distill.models.build import build_model, build_tokenizer
+from distill.pipeline.cache import write_teacher_cache
 from distill.training.loop import train
 
 from conftest import read_metrics

@@ -10,15 +10,16 @@ import pytest
 import torch
 import yaml
 
-from distill.eval import metrics
-from distill.eval.answers import grade, splitter
-from distill.models.build import build_model, build_rows
 from distill.config import EvalConfig, build_config
-from distill.eval.evaluate import Generation, answer_confidence, generate_greedy_ids, load_student
-from distill.loss.token_losses import IGNORE_INDEX
-from distill.pipeline.runner import run_eval
+from distill.data.build import build_rows
 from distill.data.tasks import chain
 from distill.data.tasks.tokenizer import chain_tokenizer
+from distill.eval import metrics
+from distill.eval.answers import grade, splitter
+from distill.eval.evaluate import Generation, answer_confidence, generate_greedy_ids, load_student
+from distill.loss.token_losses import IGNORE_INDEX
+from distill.models.build import build_model
+from distill.pipeline.runner import run_eval
 from distill.training.loop import train
 
 

@@ -6,11 +6,10 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from distill.loss.divergences import per_token
-from distill.loss.closed_forms import per_token_and_grad
-
 from test_divergences import CONFIGS as BASE_CONFIGS
+
+from distill.loss.closed_forms import per_token_and_grad
+from distill.loss.divergences import per_token
 
 INF = math.inf
 # the divergence configurations of test_divergences, plus a near-endpoint JSD and another skew
@@ -119,8 +118,8 @@ def test_errors_name_the_problem(call, match):
 @pytest.mark.parametrize("temperature", [0.7, 2.0])
 @pytest.mark.parametrize(("name", "params"), CONFIGS, ids=IDS)
 def test_sparse_matches_autograd(name, params, temperature):
-    from distill.loss.divergences import sparse_per_token
     from distill.loss.closed_forms import log_softmax_at, sparse_value_and_grad
+    from distill.loss.divergences import sparse_per_token
 
     g = torch.Generator().manual_seed(3)
     V, k = 13, 4

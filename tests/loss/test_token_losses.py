@@ -5,8 +5,8 @@ import torch
 
 from distill.config import ObjectiveConfig
 from distill.loss.divergences import divergence
-from distill.loss.token_losses import IGNORE_INDEX, cross_entropy
 from distill.loss.terms import combine, term_sums
+from distill.loss.token_losses import IGNORE_INDEX, cross_entropy
 
 
 def fkl(s, t, mask, temperature=1.0):

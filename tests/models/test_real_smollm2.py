@@ -6,10 +6,10 @@ runs read the cached safetensors in well under a second.
 
 import math
 from pathlib import Path
+from pydoc_data.topics import topics
 
 import pytest
 import torch
-from pydoc_data.topics import topics
 
 from distill.models.loading import (
     _gguf_cache_dir,

@@ -9,10 +9,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from distill.data.tasks.tokenizer import chain_tokenizer
 from distill.errors import DistillError
 from distill.models.loading import load_causal_lm
 from distill.models.students import every_kth_layer, layer_drop_student, make_student, spread_layers
-from distill.data.tasks.tokenizer import chain_tokenizer
 
 from conftest import TINY_TEACHER
 

@@ -6,10 +6,10 @@ import sys
 
 import pytest
 
-from distill.eval.answers import consistent, grade, normalize, splitter
-from distill.pipeline.curate import CurateSettings, curate, read_generations, write_curated
 from distill.data.rows import read_jsonl
 from distill.errors import ConfigError, DistillError
+from distill.eval.answers import consistent, grade, normalize, splitter
+from distill.pipeline.curate import CurateSettings, curate, read_generations, write_curated
 
 
 @pytest.mark.parametrize(

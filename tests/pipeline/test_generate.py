@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from distill.pipeline.chat_client import ServerSettings
 from distill.errors import ConfigError, DistillError
+from distill.pipeline.chat_client import ServerSettings
 from distill.pipeline.generate import GenerateSettings, RowFile, prompt_hash, run_generate
+
 from chat_server import ChatServer, tiny_chat_model
 
 SETTINGS = GenerateSettings(temperature=1.0, max_new_tokens=12, samples=2, seed=3)

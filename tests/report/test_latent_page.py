@@ -11,8 +11,8 @@ from safetensors.torch import load_file, save_file
 
 from distill.config import build_config
 from distill.errors import DistillError
-from distill.report.page import json_for_script
 from distill.report.latents import cka, pca_basis, project, ridge_map, subsample, token_classes, write_latent_page
+from distill.report.page import json_for_script
 from distill.training.loop import train
 
 # ---------------------------------------------------------------- maths

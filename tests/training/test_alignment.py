@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
 
-from distill.training.alignment import linear_cka
 from distill.config import build_config
+from distill.training.alignment import linear_cka
 from distill.training.loop import train
 
 

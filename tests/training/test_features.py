@@ -11,11 +11,11 @@ from safetensors.torch import load_file
 from torch import nn
 
 from distill.config import FeatureConfig, ObjectiveConfig, build_config
-from distill.loss.divergences import divergence
 from distill.errors import ConfigError
-from distill.training.features import FeatureProjectors, Pair, feature_term_sum, layer_pairs, load_projectors
-from distill.loss.token_losses import cross_entropy, feature_loss
+from distill.loss.divergences import divergence
 from distill.loss.terms import combine
+from distill.loss.token_losses import cross_entropy, feature_loss
+from distill.training.features import FeatureProjectors, Pair, feature_term_sum, layer_pairs, load_projectors
 from distill.training.loop import train
 
 from conftest import read_metrics
@@ -222,9 +222,9 @@ def test_first_token_is_left_out_of_the_feature_term_unless_asked(tiny_tree, tmp
 def test_feature_term_under_fsdp_stops_with_a_clear_error(tiny_tree, monkeypatch):
     import types
 
-    import distill.training.loop as train_mod
     from accelerate.utils import DistributedType
 
+    import distill.training.loop as train_mod
     from distill.errors import DistillError
 
     # make this one-process run look like FSDP to the guard
@@ -236,9 +236,9 @@ def test_feature_term_under_fsdp_stops_with_a_clear_error(tiny_tree, monkeypatch
 
 
 def test_kept_map_pairs_a_layer_drop_student_with_its_source_layers(tiny_tree, tmp_path):
+    from distill.data.tasks.tokenizer import chain_tokenizer
     from distill.models.loading import load_causal_lm
     from distill.models.students import layer_drop_student, save_student
-    from distill.data.tasks.tokenizer import chain_tokenizer
 
     tok = chain_tokenizer()
     torch.manual_seed(0)

@@ -9,14 +9,15 @@ import torch
 from safetensors.torch import load_file
 
 import distill.training.on_policy as on_policy_mod
-from distill.models.build import build_examples, build_models
 from distill.config import OnPolicyConfig, build_config
+from distill.data.build import build_examples
 from distill.data.rows import collate
 from distill.errors import ConfigError, DistillError
-from distill.loss.token_losses import IGNORE_INDEX
 from distill.loss.terms import fused_term_sums, term_sums
-from distill.training.on_policy import is_on_policy_step, prompt_length, sample_examples
+from distill.loss.token_losses import IGNORE_INDEX
+from distill.models.build import build_models
 from distill.training.loop import train
+from distill.training.on_policy import is_on_policy_step, prompt_length, sample_examples
 
 from conftest import crash_at, read_metrics
 

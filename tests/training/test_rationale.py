@@ -9,12 +9,13 @@ import torch
 from accelerate.utils import set_seed
 from safetensors.torch import load_file
 
-from distill.models.build import build_models, build_rows
 from distill.config import build_config
+from distill.data.build import build_rows
+from distill.data.rationale import eval_rows, task_rows
 from distill.data.rows import collate, global_batch_indices, tokenize_rows
 from distill.errors import ConfigError, DistillError
 from distill.loss.token_losses import IGNORE_INDEX
-from distill.data.rationale import eval_rows, task_rows
+from distill.models.build import build_models
 from distill.pipeline.runner import run_training
 from distill.training.loop import train
 

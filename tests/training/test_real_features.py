@@ -4,16 +4,16 @@ import json
 
 import pytest
 import torch
+from test_real_kd import SMOL, prose_jsonl
 from transformers import AutoModelForCausalLM
 
 from distill.config import build_config
-from distill.training.features import load_projectors
 from distill.models.loading import load_causal_lm
 from distill.models.students import make_student
+from distill.training.features import load_projectors
 from distill.training.loop import train
 
 from conftest import read_metrics
-from test_real_kd import SMOL, prose_jsonl
 
 pytestmark = pytest.mark.real
 

@@ -2,9 +2,9 @@
 
 import json
 from pathlib import Path
+from pydoc_data.topics import topics
 
 import pytest
-from pydoc_data.topics import topics
 
 from distill.config import build_config
 from distill.training.loop import train

@@ -125,8 +125,8 @@ def test_decode_step_compiles(model):
 
 
 def test_sampled_generations_do_not_depend_on_the_batch_size():
-    from distill.eval.evaluate import generate_greedy, generate_sampled
     from distill.data.tasks.tokenizer import chain_tokenizer
+    from distill.eval.evaluate import generate_greedy, generate_sampled
 
     tok = chain_tokenizer()
     torch.manual_seed(0)

@@ -1,0 +1,184 @@
+"""`distill cache`: run the teacher once over the training data and write the cache whose
+format `distill.data.teacher_cache` defines (and whose reader lives there too)."""
+
+import hashlib
+import os
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save
+
+from distill.budget import forward_flops, record_phase
+from distill.data.build import build_examples
+from distill.data.rows import Example, collate
+from distill.data.teacher_cache import (
+    FORMAT,
+    LOGPROB_DTYPES,
+    dataset_hash,
+    file_sha256,
+    read_manifest,
+    target_counts,
+    tokenizer_hash,
+)
+from distill.errors import DistillError
+from distill.loss.token_losses import IGNORE_INDEX
+from distill.models.build import build_model, build_tokenizer, model_id
+from distill.models.loading import count_parameters
+from distill.paths import atomic_write_json
+from distill.progress import Progress
+
+
+@torch.no_grad()
+def teacher_topk(
+    teacher, examples: list[Example], pad_id: int, vocab: int, k: int, temperature: float, batch_size: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-k of log_softmax(teacher logits / T) at every next-token target of `examples`.
+
+    Examples are batched by length (less padding), results returned in example order:
+    ids (n, k) int64, logprobs (n, k) float32 and rest (n,) float32 = log of the mass
+    outside the top-k (an exact logsumexp; -inf when none is left).
+    """
+    device = next(teacher.parameters()).device
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
+    per_example: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = [None] * len(examples)  # type: ignore[list-item]
+    for start in range(0, len(order), batch_size):
+        chosen = order[start : start + batch_size]
+        batch = collate([examples[i] for i in chosen], pad_id)
+        logits = teacher(
+            input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
+        ).logits[:, :-1, :vocab]  # (B, T-1, V)
+        valid = (batch["labels"][:, 1:] != IGNORE_INDEX).to(device)  # (B, T-1)
+        log_p = torch.log_softmax(logits[valid].float() / temperature, dim=-1)  # (n, V) rows in batch order
+        top = log_p.topk(k, dim=-1)  # (n, k) best first
+        if k < vocab:
+            rest = log_p.scatter_(-1, top.indices, -torch.inf).logsumexp(-1)  # (n,)
+        else:
+            rest = torch.full((log_p.shape[0],), -torch.inf, device=device)
+        counts = valid.sum(1).tolist()  # targets per row
+        parts = zip(top.indices.cpu().split(counts), top.values.cpu().split(counts), rest.cpu().split(counts))
+        for i, part in zip(chosen, parts):
+            per_example[i] = part
+    return tuple(torch.cat([p[j] for p in per_example]) for j in range(3))  # type: ignore[return-value]
+
+
+class CacheWriter:
+    """Writes (or completes) a cache directory for one teacher, tokenizer, dataset and k."""
+
+    def __init__(self, out: Path, header: dict, n_examples: int):
+        self.out = Path(out)
+        self.header = {"format": FORMAT, **header, "n_examples": n_examples}
+        self.n_shards = -(-n_examples // header["shard_examples"])
+        manifest_path = self.out / "manifest.json"
+        if manifest_path.exists():
+            manifest = read_manifest(self.out)
+            for key, want in self.header.items():
+                if manifest.get(key) != want:
+                    raise DistillError(
+                        f"{manifest_path}: a cache with {key}={manifest.get(key)!r} already lives here, this run "
+                        f"has {want!r}; write to another --out"
+                    )
+            self.shards = {s["index"]: s for s in manifest["shards"] if self._intact(s)}
+        else:
+            self.out.mkdir(parents=True, exist_ok=True)
+            self.shards = {}
+        for stale in self.out.glob(".*.tmp"):  # left by a killed run: never listed, never read
+            stale.unlink()
+        self._save_manifest()
+
+    def _intact(self, shard: dict) -> bool:
+        path = self.out / shard["file"]
+        return path.exists() and path.stat().st_size == shard["bytes"] and file_sha256(path) == shard["sha256"]
+
+    def _save_manifest(self) -> None:
+        shards = [self.shards[i] for i in sorted(self.shards)]
+        complete = len(shards) == self.n_shards
+        atomic_write_json(self.out / "manifest.json", {**self.header, "complete": complete, "shards": shards})
+
+    def todo(self) -> list[int]:
+        return [i for i in range(self.n_shards) if i not in self.shards]
+
+    def write_shard(self, index: int, counts: list[int], ids, logprobs, rest) -> None:
+        size = self.header["shard_examples"]
+        offsets = torch.tensor([0, *counts], dtype=torch.int64).cumsum(0)  # (count + 1,)
+        if offsets[-1].item() != ids.shape[0]:
+            raise DistillError(f"shard {index}: {ids.shape[0]} teacher tokens for {offsets[-1].item()} targets")
+        tensors = {
+            "offsets": offsets,
+            "ids": ids.to(torch.int32).contiguous(),
+            "logprobs": logprobs.to(LOGPROB_DTYPES[self.header["logprob_dtype"]]).contiguous(),
+            "rest": rest.to(torch.float32).contiguous(),
+        }
+        data = save(tensors)  # the shard's bytes: hashed here, written once, never re-read
+        name = f"shard-{index:05d}.safetensors"
+        tmp = self.out / f".{name}.tmp"
+        tmp.write_bytes(data)
+        os.replace(tmp, self.out / name)
+        self.shards[index] = {
+            "index": index,
+            "file": name,
+            "first_example": index * size,
+            "examples": len(counts),
+            "tokens": int(ids.shape[0]),
+            "bytes": len(data),
+            "sha256": hashlib.sha256(data).hexdigest(),
+        }
+        self._save_manifest()
+
+
+def write_teacher_cache(
+    cfg, out: str | Path, top_k: int, logprob_dtype: str, shard_examples: int, batch_size: int, show_progress: bool = True
+) -> dict:
+    """Run cfg.teacher over cfg.data's training examples once; write (or finish) the cache.
+
+    Returns the manifest. The temperature is cfg.objective.temperature: the cached
+    log-probabilities are at the loss temperature, so a run must use the same one. The
+    teacher's pass is recorded as phase teacher_caching of OUT/budget.json (tokens read,
+    2 x params x tokens FLOPs, seconds; a resumed cache adds to it).
+    """
+    if cfg.teacher is None:
+        raise DistillError("distill cache needs a 'teacher' section in the run config")
+    if logprob_dtype not in LOGPROB_DTYPES:
+        raise DistillError(f"--dtype must be one of {sorted(LOGPROB_DTYPES)}, got {logprob_dtype!r}")
+    if shard_examples < 1 or batch_size < 1:
+        raise DistillError("--shard-examples and --batch-size must be >= 1")
+    tokenizer = build_tokenizer(cfg.teacher, "teacher")
+    vocab = len(tokenizer)
+    if not 1 <= top_k <= vocab:
+        raise DistillError(f"--top-k must be in [1, {vocab}] (the teacher's vocabulary), got {top_k}")
+    examples = build_examples(cfg.data, tokenizer)
+    header = {
+        "teacher": model_id(cfg.teacher, cfg.train.seed + 1),
+        "tokenizer_hash": tokenizer_hash(tokenizer),
+        "dataset_hash": dataset_hash(examples),
+        "temperature": cfg.objective.temperature,
+        "top_k": top_k,
+        "logprob_dtype": logprob_dtype,
+        "vocab_size": vocab,
+        "shard_examples": shard_examples,
+    }
+    writer = CacheWriter(Path(out), header, len(examples))
+    todo = writer.todo()
+    if todo:
+        teacher = build_model(cfg.teacher, tokenizer, "teacher", cfg.train.seed + 1)
+        device = torch.device("cuda" if torch.cuda.is_available() and cfg.train.device == "auto" else "cpu")
+        teacher.to(device).eval()
+        params = count_parameters(teacher)
+        counts = target_counts(examples)
+        done = writer.n_shards - len(todo)
+        progress = Progress(writer.n_shards, done, enabled=show_progress, label="cache")
+        for index in todo:
+            t0 = time.perf_counter()
+            lo, hi = index * shard_examples, min((index + 1) * shard_examples, len(examples))
+            ids, logprobs, rest = teacher_topk(
+                teacher, examples[lo:hi], tokenizer.pad_token_id, vocab, top_k, cfg.objective.temperature, batch_size
+            )
+            writer.write_shard(index, counts[lo:hi], ids, logprobs, rest)
+            # Recorded shard by shard: a killed and resumed cache counts every shard once.
+            read = sum(len(e.input_ids) for e in examples[lo:hi])
+            add = {"tokens": read, "flops": forward_flops(params, read), "seconds": time.perf_counter() - t0}
+            record_phase(Path(out) / "budget.json", "teacher_caching", add=add)
+            done += 1
+            progress.update(done, float("nan"), 0.0)
+        progress.close()
+    return read_manifest(Path(out))
