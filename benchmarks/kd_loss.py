@@ -29,16 +29,12 @@ import subprocess
 import sys
 import time
 
+from distill.loss.registry import DIVERGENCES as REGISTRY
+
 CPU_SHAPES = [(2048, 576, 576, 49152), (4096, 1024, 2048, 128256)]
 GPU_SHAPES = [(8192, 2048, 4096, 128256), (16384, 1024, 2048, 262144)]
-DIVERGENCES = {
-    "forward_kl": {},
-    "reverse_kl": {},
-    "jsd": {"beta": 0.5},
-    "skew_forward_kl": {"alpha": 0.1},
-    "skew_reverse_kl": {"alpha": 0.1},
-    "tvd": {},
-}
+# Every registered divergence at its default parameters (jsd: beta 0.5; skew KLs: alpha 0.1).
+DIVERGENCES = {name: spec.defaults() for name, spec in REGISTRY.items()}
 # Rough number of (N, V) fp32 tensors the naive path keeps alive at its peak (logits,
 # log-softmaxes, exp, saved-for-backward intermediates, gradient buffers).
 NAIVE_FP32_COPIES = {

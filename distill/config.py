@@ -86,8 +86,10 @@ class ObjectiveConfig(Section):
     """Multiply the KD term by T^2 (Hinton 2015): the soft-target gradients shrink like 1/T^2,
     so this keeps the KD term's scale comparable across temperatures and to the task CE.
     false: the KD term is alpha * D, unscaled."""
-    divergence: Literal["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd"] = "forward_kl"
-    """D: forward KL (mean-seeking), reverse KL (mode-seeking), generalized JSD, skew KLs, TVD."""
+    divergence: str = "forward_kl"
+    """D, a name in the divergence registry (`distill.loss.registry`): forward_kl (mean-seeking),
+    reverse_kl (mode-seeking), jsd (generalized JSD), skew_forward_kl, skew_reverse_kl, tvd, or
+    one registered since."""
     jsd_beta: float = Field(0.5, ge=0.0, le=1.0)
     """Mixture weight of the generalized JSD: 0 is forward KL, 1 is reverse KL."""
     skew_alpha: float = Field(0.1, ge=0.0, le=1.0)
@@ -103,12 +105,29 @@ class ObjectiveConfig(Section):
         """(task CE weight, KD weight): (1 - alpha, alpha * T^2), or alpha without t_squared."""
         return 1.0 - self.alpha, self.alpha * (self.temperature**2 if self.t_squared else 1.0)
 
+    @field_validator("divergence")
+    @classmethod
+    def _registered_divergence(cls, value: str) -> str:
+        """A registered name (read at validation time: one registered after import counts)."""
+        from distill.loss.registry import DIVERGENCES, nearest_divergence
+
+        spec = DIVERGENCES.get(value)
+        if spec is None:
+            names = [repr(n) for n in DIVERGENCES]
+            choices = f"{', '.join(names[:-1])} or {names[-1]}" if len(names) > 1 else "".join(names)
+            near = nearest_divergence(value)
+            raise ValueError(f"expected {choices}, got {value!r}" + (f" (did you mean {near!r}?)" if near else ""))
+        for p in spec.params:
+            if p.config_field not in cls.model_fields:
+                raise ValueError(f"divergence {value!r} takes {p.name} from objective.{p.config_field}, which does not exist")
+        return value
+
     def divergence_params(self) -> dict[str, float]:
-        if self.divergence == "jsd":
-            return {"beta": self.jsd_beta}
-        if self.divergence.startswith("skew_"):
-            return {"alpha": self.skew_alpha}
-        return {}
+        """The divergence's parameters from their registered config fields (jsd: beta <- jsd_beta;
+        skew KLs: alpha <- skew_alpha; none for the others)."""
+        from distill.loss.registry import get_divergence
+
+        return {p.name: getattr(self, p.config_field) for p in get_divergence(self.divergence).params}
 
 
 class TrainConfig(Section):

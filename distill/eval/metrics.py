@@ -19,10 +19,12 @@ from collections.abc import Sequence
 import torch
 
 from distill.loss.divergences import divergence
+from distill.loss.registry import eval_divergences
 from distill.loss.token_losses import IGNORE_INDEX, cross_entropy
 
-# The held-out divergences: name -> parameters, all at temperature 1.
-EVAL_DIVERGENCES: dict[str, dict[str, float]] = {"forward_kl": {}, "reverse_kl": {}, "jsd": {"beta": 0.5}, "tvd": {}}
+# The held-out divergences: name -> parameters, all at temperature 1: the registry's entries
+# with `eval_params` (forward_kl, reverse_kl, jsd at beta 0.5, tvd), in registry order.
+EVAL_DIVERGENCES: dict[str, dict[str, float]] = eval_divergences()
 
 
 def perplexity(ce: float) -> float:

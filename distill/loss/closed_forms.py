@@ -9,7 +9,9 @@ here is a function of q, so by the softmax Jacobian
 
     dD/ds_i = q_i * (a_i - sum_j q_j a_j) / T,    a_j = dD/dq_j  (any constant in a cancels)
 
-and for each divergence a has a simple form (m is the mixture of that divergence):
+and for each built-in divergence a has a simple form (m is the mixture of that divergence),
+one function `<name>_value_and_grad` each, which the registry (`distill.loss.registry`)
+points at; `log_probs_value_and_grad` dispatches on the name through it:
 
     forward_kl        dD/ds = (q - p) / T                      (a_j = -p_j / q_j)
     reverse_kl        a = log q - log p
@@ -24,13 +26,14 @@ Terms with q_j = 0 contribute 0 (the q_j factor wins: q log q -> 0). The values 
 is finite (tested against autograd, gradcheck and the same Hypothesis extremes); where the
 true value is +inf (reverse KL with student mass on an id the teacher rules out) the
 gradient is NaN, as autograd's is. Everything is computed in fp32 (fp64 for fp64 inputs).
+A divergence registered later brings its own closed form in its `DivergenceSpec`.
 """
 
 import math
 
 import torch
 
-from distill.loss.divergences import resolve_divergence
+from distill.loss.registry import check_divergence, get_divergence
 
 
 def log_softmax_at(x: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -44,8 +47,6 @@ def log_softmax_at(x: torch.Tensor, temperature: float) -> torch.Tensor:
     if temperature != 1.0:
         x.div_(temperature)
     return torch.log_softmax(x, dim=-1)
-
-
 
 
 def _mix(log_a: torch.Tensor, log_b: torch.Tensor, w: float) -> torch.Tensor:
@@ -90,17 +91,17 @@ def per_token_and_grad(
     """Per-token divergence `name` (as `divergences.per_token`) and its student-logit gradient.
 
     Args:
-        name: a key of `distill.loss.divergences.DIVERGENCES`.
+        name: a key of `distill.loss.registry.DIVERGENCES`.
         student_logits: (c, V) any float dtype. Not modified.
         teacher_logits: (c, V) same shape. Not modified.
         temperature: loss temperature T, > 0 (T^2 is the caller's).
-        **params: `beta` for jsd, `alpha` for the skew KLs, each in [0, 1].
+        **params: the divergence's parameters (`beta` for jsd, `alpha` for the skew KLs).
 
     Returns:
         values (c,) and d(sum of values)/d(student_logits) (c, V), both fp32 (fp64 if an
         input is fp64).
     """
-    resolve_divergence(name, params, temperature)
+    check_divergence(name, params, temperature)
     if student_logits.shape != teacher_logits.shape or student_logits.dim() != 2:
         raise ValueError(
             f"need student and teacher logits of one shape (c, V), got "
@@ -118,60 +119,96 @@ def log_probs_value_and_grad(
     """`per_token_and_grad` from log-probabilities at temperature T; may overwrite log_p.
 
     Args:
+        name: a key of `distill.loss.registry.DIVERGENCES`; its `value_and_grad` is called
+            with `params` completed by the registered defaults.
         log_q: (c, V) student log_softmax(s / T), fp32/fp64.
         log_p: (c, V) teacher log_softmax(t / T), same dtype; used as scratch space.
 
     Returns:
         values (c,), gradient w.r.t. the student logits s (c, V).
     """
-    q = log_q.exp()  # (c, V)
-    if name == "jsd":
-        beta = params.get("beta", 0.5)
-        name, params = ("forward_kl", {}) if beta == 0 else ("reverse_kl", {}) if beta == 1 else (name, params)
-    if name in ("skew_forward_kl", "skew_reverse_kl") and params.get("alpha", 0.1) == 0:
-        name, params = ("forward_kl" if name == "skew_forward_kl" else "reverse_kl"), {}
+    spec = get_divergence(name)
+    return spec.value_and_grad(log_q, log_p, temperature, **spec.bind(params))
 
-    # Buffers are reused in place where the value is no longer needed: each (c, V) pass
-    # costs about as much as the lm_head matmul's share per token on CPU.
-    if name == "forward_kl":
-        p = log_p.exp()  # (c, V)
-        value = _weighted_log_ratio_(p, log_p, log_q, out=log_p).sum(-1)  # (c,)
-        grad = p.neg_().add_(q)  # (c, V) q - p
-        return value, (grad.div_(temperature) if temperature != 1.0 else grad)
-    if name == "reverse_kl":
-        qa = _weighted_log_ratio_(q, log_q, log_p, out=log_p)  # (c, V) q (log q - log p)
-        value = qa.sum(-1)  # (c,) = sum q a, reused by the chain rule
-        return value, _softmax_chain(q, qa, temperature, row_sum=value)
-    if name == "jsd":
-        beta = params.get("beta", 0.5)
-        log_m = _mix(log_p, log_q, beta)  # (c, V)
-        p = log_p.exp()  # (c, V)
-        kl_pm = _weighted_log_ratio_(p, log_p, log_m, out=log_p).sum(-1)  # (c,)
-        qa = _weighted_log_ratio_(q, log_q, log_m, out=log_m)  # (c, V) q (log q - log m)
-        kl_qm = qa.sum(-1)  # (c,)
-        value = kl_pm / (1 - beta) + kl_qm / beta  # (c,)
-        return value, _softmax_chain(q, qa, temperature, row_sum=kl_qm, scale=1.0 / beta)
-    if name == "skew_forward_kl":
-        alpha = params.get("alpha", 0.1)
-        log_m = _mix(log_p, log_q, alpha)  # (c, V)
-        p = log_p.exp()  # (c, V)
-        value = _xlogy_rows(p, log_p, log_m)  # (c,)
-        # q a = -(1 - alpha) q p / m, formed in log space; 0 where p or q is 0.
-        qa = torch.where(p * q > 0, (log_q + log_p - log_m).exp_(), 0.0).mul_(-(1 - alpha))  # (c, V)
-        return value, _softmax_chain(q, qa, temperature)
-    if name == "skew_reverse_kl":
-        alpha = params.get("alpha", 0.1)
-        log_m = _mix(log_q, log_p, alpha)  # (c, V)
-        value = _xlogy_rows(q, log_q, log_m)  # (c,)
-        r = torch.where(q > 0, log_q - log_m, 0.0)  # (c, V) log(q / m), 0 off the support
-        qa = q * (r - alpha * r.exp())  # (c, V)
-        return value, _softmax_chain(q, qa, temperature)
-    if name == "tvd":
-        diff = q - log_p.exp_()  # (c, V) q - p
-        value = 0.5 * diff.abs().sum(-1)  # (c,)
-        qa = q * diff.sign_().mul_(0.5)  # (c, V)
-        return value, _softmax_chain(q, qa, temperature)
-    raise ValueError(f"unknown divergence {name!r}")
+
+# One closed form per built-in divergence, registered in `distill.loss.divergences`. Each is
+# f(log_q, log_p, T, **params) -> (values (c,), gradient (c, V)) and may overwrite log_p.
+# Buffers are reused in place where the value is no longer needed: each (c, V) pass costs
+# about as much as the lm_head matmul's share per token on CPU.
+
+
+def forward_kl_value_and_grad(log_q: torch.Tensor, log_p: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """KL(p || q) and its gradient (q - p) / T."""
+    q = log_q.exp()  # (c, V)
+    p = log_p.exp()  # (c, V)
+    value = _weighted_log_ratio_(p, log_p, log_q, out=log_p).sum(-1)  # (c,)
+    grad = p.neg_().add_(q)  # (c, V) q - p
+    return value, (grad.div_(temperature) if temperature != 1.0 else grad)
+
+
+def reverse_kl_value_and_grad(log_q: torch.Tensor, log_p: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """KL(q || p) and its gradient, a = log q - log p."""
+    q = log_q.exp()  # (c, V)
+    qa = _weighted_log_ratio_(q, log_q, log_p, out=log_p)  # (c, V) q (log q - log p)
+    value = qa.sum(-1)  # (c,) = sum q a, reused by the chain rule
+    return value, _softmax_chain(q, qa, temperature, row_sum=value)
+
+
+def jsd_value_and_grad(
+    log_q: torch.Tensor, log_p: torch.Tensor, temperature: float, beta: float = 0.5
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalised generalised JSD and its gradient, a = (log q - log m) / beta; beta = 0 is
+    exactly forward KL, beta = 1 exactly reverse KL."""
+    if beta == 0:
+        return forward_kl_value_and_grad(log_q, log_p, temperature)
+    if beta == 1:
+        return reverse_kl_value_and_grad(log_q, log_p, temperature)
+    q = log_q.exp()  # (c, V)
+    log_m = _mix(log_p, log_q, beta)  # (c, V)
+    p = log_p.exp()  # (c, V)
+    kl_pm = _weighted_log_ratio_(p, log_p, log_m, out=log_p).sum(-1)  # (c,)
+    qa = _weighted_log_ratio_(q, log_q, log_m, out=log_m)  # (c, V) q (log q - log m)
+    kl_qm = qa.sum(-1)  # (c,)
+    value = kl_pm / (1 - beta) + kl_qm / beta  # (c,)
+    return value, _softmax_chain(q, qa, temperature, row_sum=kl_qm, scale=1.0 / beta)
+
+
+def skew_forward_kl_value_and_grad(
+    log_q: torch.Tensor, log_p: torch.Tensor, temperature: float, alpha: float = 0.1
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """KL(p || m), m = alpha p + (1 - alpha) q, and its gradient; alpha = 0 is exactly forward KL."""
+    if alpha == 0:
+        return forward_kl_value_and_grad(log_q, log_p, temperature)
+    q = log_q.exp()  # (c, V)
+    log_m = _mix(log_p, log_q, alpha)  # (c, V)
+    p = log_p.exp()  # (c, V)
+    value = _xlogy_rows(p, log_p, log_m)  # (c,)
+    # q a = -(1 - alpha) q p / m, formed in log space; 0 where p or q is 0.
+    qa = torch.where(p * q > 0, (log_q + log_p - log_m).exp_(), 0.0).mul_(-(1 - alpha))  # (c, V)
+    return value, _softmax_chain(q, qa, temperature)
+
+
+def skew_reverse_kl_value_and_grad(
+    log_q: torch.Tensor, log_p: torch.Tensor, temperature: float, alpha: float = 0.1
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """KL(q || m), m = alpha q + (1 - alpha) p, and its gradient; alpha = 0 is exactly reverse KL."""
+    if alpha == 0:
+        return reverse_kl_value_and_grad(log_q, log_p, temperature)
+    q = log_q.exp()  # (c, V)
+    log_m = _mix(log_q, log_p, alpha)  # (c, V)
+    value = _xlogy_rows(q, log_q, log_m)  # (c,)
+    r = torch.where(q > 0, log_q - log_m, 0.0)  # (c, V) log(q / m), 0 off the support
+    qa = q * (r - alpha * r.exp())  # (c, V)
+    return value, _softmax_chain(q, qa, temperature)
+
+
+def tvd_value_and_grad(log_q: torch.Tensor, log_p: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """0.5 * sum |p - q| and its gradient, a = sign(q - p) / 2."""
+    q = log_q.exp()  # (c, V)
+    diff = q - log_p.exp_()  # (c, V) q - p
+    value = 0.5 * diff.abs().sum(-1)  # (c,)
+    qa = q * diff.sign_().mul_(0.5)  # (c, V)
+    return value, _softmax_chain(q, qa, temperature)
 
 
 def sparse_value_and_grad(
@@ -191,6 +228,7 @@ def sparse_value_and_grad(
     G_b(i) / T for a top-k id, and (q_i / Q_rest) * G_rest / T for every other id.
 
     Args:
+        name: a key of `distill.loss.registry.DIVERGENCES` whose record allows the sparse path.
         log_q: (c, V) student log_softmax(s / T); overwritten (used as scratch).
         teacher_ids: (c, k) long, distinct ids per row.
         teacher_logprobs: (c, k) teacher log-probs at T.
@@ -199,6 +237,7 @@ def sparse_value_and_grad(
     Returns:
         values (c,), gradient w.r.t. the student logits (c, V), in log_q's dtype.
     """
+    check_divergence(name, params, temperature, sparse=True)
     dtype = log_q.dtype
     k = teacher_ids.shape[1]
     log_q_top = log_q.gather(1, teacher_ids)  # (c, k)

@@ -7,7 +7,10 @@ nothing, never NaN, in value or gradient. `divergence` / `sparse_divergence` ret
 over valid tokens, or that sum divided by a given `num_valid` (the global count of valid
 tokens); T^2 is the caller's.
 
-Names (see `DIVERGENCES`; each maps to f(student_logprobs, teacher_logprobs, **params)):
+The built-in divergences, registered here in `distill.loss.registry.DIVERGENCES` (also
+importable from this module) with their closed forms (`distill.loss.closed_forms`); every
+function below that takes a `name` looks it up there, so a divergence registered later
+works the same. Each value function is f(student_logprobs, teacher_logprobs, **params):
     forward_kl       KL(p || q)
     reverse_kl       KL(q || p); +inf where q > 0 but p = 0 (the student covers an id the
                      teacher rules out): that is its true value, and its gradient is NaN.
@@ -19,11 +22,20 @@ Rows must hold at least one finite logit; +inf and NaN logits are not supported.
 """
 
 import math
-from collections.abc import Callable
 
 import torch
 
-Divergence = Callable[..., torch.Tensor]
+from distill.loss.closed_forms import (
+    forward_kl_value_and_grad,
+    jsd_value_and_grad,
+    reverse_kl_value_and_grad,
+    skew_forward_kl_value_and_grad,
+    skew_reverse_kl_value_and_grad,
+    tvd_value_and_grad,
+)
+from distill.loss.registry import DIVERGENCES as DIVERGENCES  # re-exported: the registry
+from distill.loss.registry import DivergenceParam, DivergenceSpec, check_divergence, register_divergence
+from distill.loss.registry import resolve_divergence as resolve_divergence  # re-exported
 
 
 def _kl(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
@@ -110,30 +122,21 @@ def tvd(log_q: torch.Tensor, log_p: torch.Tensor) -> torch.Tensor:
     return 0.5 * (log_p.exp() - log_q.exp()).abs().sum(-1)
 
 
-DIVERGENCES: dict[str, Divergence] = {
-    "forward_kl": forward_kl,
-    "reverse_kl": reverse_kl,
-    "jsd": jsd,
-    "skew_forward_kl": skew_forward_kl,
-    "skew_reverse_kl": skew_reverse_kl,
-    "tvd": tvd,
-}
-_PARAMS: dict[str, tuple[str, ...]] = {"jsd": ("beta",), "skew_forward_kl": ("alpha",), "skew_reverse_kl": ("alpha",)}
-
-
-def resolve_divergence(name: str, params: dict[str, float], temperature: float) -> Divergence:
-    """The divergence function for `name`, after checking its parameters and the temperature."""
-    if name not in DIVERGENCES:
-        raise ValueError(f"unknown divergence {name!r}; expected one of {sorted(DIVERGENCES)}")
-    allowed = _PARAMS.get(name, ())
-    for key, value in params.items():
-        if key not in allowed:
-            raise ValueError(f"divergence {name!r} takes no parameter {key!r} (it takes {list(allowed) or 'none'})")
-        if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= value <= 1.0:
-            raise ValueError(f"divergence {name!r}: {key} must be a number in [0, 1], got {value!r}")
-    if not (isinstance(temperature, int | float) and math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
-    return DIVERGENCES[name]
+# The built-ins, in the order of every listing (config errors, tests, eval.json).
+JSD_BETA = DivergenceParam("beta", 0.5, config_field="jsd_beta")
+SKEW_ALPHA = DivergenceParam("alpha", 0.1, config_field="skew_alpha")
+register_divergence(DivergenceSpec("forward_kl", forward_kl, forward_kl_value_and_grad, eval_params={}, summary="KL(p || q)"))
+register_divergence(DivergenceSpec("reverse_kl", reverse_kl, reverse_kl_value_and_grad, eval_params={}, summary="KL(q || p)"))
+register_divergence(
+    DivergenceSpec("jsd", jsd, jsd_value_and_grad, (JSD_BETA,), eval_params={"beta": 0.5}, summary="normalised generalised JSD")
+)
+register_divergence(
+    DivergenceSpec("skew_forward_kl", skew_forward_kl, skew_forward_kl_value_and_grad, (SKEW_ALPHA,), summary="skew forward KL")
+)
+register_divergence(
+    DivergenceSpec("skew_reverse_kl", skew_reverse_kl, skew_reverse_kl_value_and_grad, (SKEW_ALPHA,), summary="skew reverse KL")
+)
+register_divergence(DivergenceSpec("tvd", tvd, tvd_value_and_grad, eval_params={}, summary="total variation distance"))
 
 
 def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
@@ -166,25 +169,26 @@ def per_token(
     """Per-token divergence `name` between softmax(teacher / T) and softmax(student / T).
 
     Args:
-        name: a key of `DIVERGENCES`.
+        name: a key of `DIVERGENCES` (the registry).
         student_logits: (..., V) any float dtype; -inf only where the teacher is -inf too
             (else forward_kl, jsd(beta=0), skew_forward_kl(alpha=0) are +inf, their true value).
         teacher_logits: (..., V) same shape; -inf entries (ids with no mass) are allowed; where
             the student keeps mass on one, reverse_kl, jsd(beta=1), skew_reverse_kl(alpha=0) are +inf.
         temperature: loss temperature T, > 0; the T^2 factor is applied by the caller.
-        **params: `beta` for jsd, `alpha` for the skew KLs, each in [0, 1].
+        **params: the divergence's parameters (`beta` for jsd, `alpha` for the skew KLs, each
+            in [0, 1]); the registered defaults fill in the others.
 
     Returns:
         (...) values, fp32 (fp64 if an input is fp64).
     """
-    fn = resolve_divergence(name, params, temperature)
+    spec = check_divergence(name, params, temperature)
     if student_logits.shape != teacher_logits.shape:
         shapes = f"{tuple(student_logits.shape)} != teacher logits {tuple(teacher_logits.shape)}"
         raise ValueError(f"student logits {shapes}")
     dtype = _compute_dtype(student_logits, teacher_logits)
     log_q = torch.log_softmax(student_logits.to(dtype) / temperature, dim=-1)  # (..., V)
     log_p = torch.log_softmax(teacher_logits.to(dtype) / temperature, dim=-1)  # (..., V)
-    return fn(log_q, log_p, **params)
+    return spec.value(log_q, log_p, **spec.bind(params))
 
 
 def divergence(
@@ -241,7 +245,7 @@ def sparse_per_token(
     So k = V equals the dense result.
 
     Args:
-        name: a key of `DIVERGENCES`.
+        name: a key of `DIVERGENCES` whose record allows the sparse path (`DivergenceSpec.sparse`).
         student_logits: (..., V) any float dtype.
         teacher_ids: (..., k) long, distinct ids in [0, V) per position, 1 <= k <= V.
         teacher_logprobs: (..., k) log p_T of those ids (-inf allowed).
@@ -256,7 +260,19 @@ def sparse_per_token(
     Returns:
         (...) values, fp32 (fp64 if an input is fp64).
     """
-    fn = resolve_divergence(name, params, temperature)
+    spec = check_divergence(name, params, temperature, sparse=True)
+    _check_sparse_teacher(student_logits, teacher_ids, teacher_logprobs, teacher_rest)
+    dtype = _compute_dtype(student_logits, teacher_logprobs)
+    log_q_top, log_q_rest, empty = _student_buckets(student_logits, teacher_ids, temperature, dtype)  # (..., k), (...), (...)
+    log_p = _teacher_buckets(teacher_logprobs.to(dtype), teacher_rest, empty)  # (..., k + 1)
+    log_q = torch.cat([log_q_top, log_q_rest.unsqueeze(-1)], dim=-1)  # (..., k + 1)
+    return spec.value(log_q, log_p, **spec.bind(params))
+
+
+def _check_sparse_teacher(
+    student_logits: torch.Tensor, teacher_ids: torch.Tensor, teacher_logprobs: torch.Tensor, teacher_rest: torch.Tensor | None
+) -> None:
+    """Raise ValueError unless the top-k teacher fits the student logits (see `sparse_per_token`)."""
     lead, vocab, k = student_logits.shape[:-1], student_logits.shape[-1], teacher_ids.shape[-1]
     if teacher_ids.dtype != torch.long:
         raise ValueError(f"teacher_ids must be torch.long, got {teacher_ids.dtype}")
@@ -265,10 +281,17 @@ def sparse_per_token(
             f"need teacher_ids and teacher_logprobs of shape (..., k) with 1 <= k <= V matching student (..., V); "
             f"got {tuple(teacher_ids.shape)}, {tuple(teacher_logprobs.shape)}, {tuple(student_logits.shape)}"
         )
-    dtype = _compute_dtype(student_logits, teacher_logprobs)
+    if teacher_rest is not None and teacher_rest.shape != lead:
+        raise ValueError(f"teacher_rest must have shape {tuple(lead)}, got {tuple(teacher_rest.shape)}")
+
+
+def _student_buckets(
+    student_logits: torch.Tensor, teacher_ids: torch.Tensor, temperature: float, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The student's log-probs on the top-k ids (..., k), of the rest of the vocabulary (...),
+    and where that rest is empty (...) bool."""
     log_q_full = torch.log_softmax(student_logits.to(dtype) / temperature, dim=-1)  # (..., V)
     log_q_top = log_q_full.gather(-1, teacher_ids)  # (..., k)
-    log_p_top = teacher_logprobs.to(dtype)  # (..., k)
     in_top = torch.zeros_like(log_q_full, dtype=torch.bool).scatter_(-1, teacher_ids, True)  # (..., V)
     others = torch.where(in_top, -math.inf, log_q_full)  # (..., V)
     # The student's rest mass as an exact logsumexp (not log(1 - sum q_top), which cancels
@@ -276,19 +299,21 @@ def sparse_per_token(
     empty = (others == -math.inf).all(-1)  # (...)
     lse = torch.where(empty.unsqueeze(-1), 0.0, others).logsumexp(-1)  # (...)
     log_q_rest = torch.where(empty, -math.inf, lse)  # (...)
+    return log_q_top, log_q_rest, empty
+
+
+def _teacher_buckets(log_p_top: torch.Tensor, teacher_rest: torch.Tensor | None, empty: torch.Tensor) -> torch.Tensor:
+    """The teacher's k + 1 bucket log-probs (..., k + 1) from its top-k (..., k) and optional
+    stored log leftover (...); `empty` (...) marks rows where the student has no rest mass."""
     # Teacher leftover log(1 - sum p_top). None is left when the sum reaches 1 (rounding up),
     # nor where the student's rest is empty: there the inputs promise the teacher has no mass
     # either, so a positive leftover is rounding residue that would make forward KL +inf.
     # Without a rest bucket the top-k is renormalised, so the buckets still sum to 1 and the
     # KLs stay >= 0 (bf16-stored log-probs are off by ~0.4%).
     if teacher_rest is not None:
-        if teacher_rest.shape != lead:
-            raise ValueError(f"teacher_rest must have shape {tuple(lead)}, got {tuple(teacher_rest.shape)}")
-        rest_given = torch.where(empty, -math.inf, teacher_rest.to(dtype))  # (...)
+        rest_given = torch.where(empty, -math.inf, teacher_rest.to(log_p_top.dtype))  # (...)
         both = torch.cat([log_p_top, rest_given.unsqueeze(-1)], dim=-1)  # (..., k + 1)
-        log_p = both - both.logsumexp(-1, keepdim=True)  # (..., k + 1) sums to 1
-        log_q = torch.cat([log_q_top, log_q_rest.unsqueeze(-1)], dim=-1)  # (..., k + 1)
-        return fn(log_q, log_p, **params)
+        return both - both.logsumexp(-1, keepdim=True)  # (..., k + 1) sums to 1
     total = log_p_top.logsumexp(-1)  # (...)
     none_left = (total >= 0) | empty  # (...)
     shift = torch.where(none_left & (total > -math.inf), total, 0.0)  # (...)
@@ -296,9 +321,7 @@ def sparse_per_token(
     # log(-expm1) is accurate in absolute terms, which a log-prob inside p * log(p / q) needs.
     rest = torch.log(-torch.expm1(torch.where(none_left, -1.0, total)))  # (...)
     log_p_rest = torch.where(none_left, -math.inf, rest)  # (...)
-    log_q = torch.cat([log_q_top, log_q_rest.unsqueeze(-1)], dim=-1)  # (..., k + 1)
-    log_p = torch.cat([log_p_top, log_p_rest.unsqueeze(-1)], dim=-1)  # (..., k + 1)
-    return fn(log_q, log_p, **params)
+    return torch.cat([log_p_top, log_p_rest.unsqueeze(-1)], dim=-1)  # (..., k + 1)
 
 
 def sparse_divergence(

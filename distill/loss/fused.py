@@ -5,8 +5,9 @@ and returns the SUM over valid tokens of `distill.loss.divergences.per_token` (p
 explicitly weighted hard cross-entropy). Tokens are processed `chunk_size` at a time: for
 each chunk the student and teacher logits (chunk, V) are formed in fp32, the per-token
 divergence is computed, and - in the forward pass, so there is no second pass - its
-closed-form gradient w.r.t. the chunk's student logits (`distill.loss.closed_forms`, no autograd
-graph) is formed and immediately contracted into the
+closed-form gradient w.r.t. the chunk's student logits (the `value_and_grad` of its record in
+`distill.loss.registry`; `distill.loss.closed_forms` for the built-ins; no autograd graph) is
+formed and immediately contracted into the
 gradients of the student hidden states, lm_head weight and bias. Only those two/three
 gradients are kept for backward, which just scales them by grad_output. Peak extra memory
 is therefore O(chunk * V) rather than O(N * V). The teacher receives no gradient.
@@ -25,7 +26,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from distill.loss.closed_forms import log_probs_value_and_grad, log_softmax_at, sparse_value_and_grad
-from distill.loss.divergences import resolve_divergence
+from distill.loss.registry import check_divergence
 from distill.loss.token_losses import IGNORE_INDEX
 
 # Auto chunk: about 2**25 logits (128 MiB in fp32) per (chunk, V) buffer, whatever V is;
@@ -224,6 +225,32 @@ def _check_student(
     return valid, chunk_size
 
 
+def _check_teacher(
+    h_s: torch.Tensor,
+    w_s: torch.Tensor,
+    h_t: torch.Tensor,
+    w_t: torch.Tensor,
+    b_t: torch.Tensor | None,
+    vocab_size: int | None,
+) -> int:
+    """Validate the dense teacher side against the student's; return the shared vocab size."""
+    n = h_s.shape[0]
+    if h_s.dim() != 2 or h_t.dim() != 2 or h_t.shape[0] != n:
+        raise ValueError(f"need student_hidden (N, Hs) and teacher_hidden (N, Ht), got {tuple(h_s.shape)} and {tuple(h_t.shape)}")
+    if w_t.dim() != 2 or w_t.shape[1] != h_t.shape[1]:
+        raise ValueError(f"teacher_weight must be (V, {h_t.shape[1]}), got {tuple(w_t.shape)}")
+    vs, vt = w_s.shape[0], w_t.shape[0]
+    if vocab_size is None:
+        if vs != vt:
+            raise ValueError(f"student vocab {vs} != teacher vocab {vt}; pass vocab_size to slice padded heads")
+        vocab_size = vs
+    if not 1 <= vocab_size <= vt:
+        raise ValueError(f"vocab_size must be in [1, {min(vs, vt)}], got {vocab_size}")
+    if b_t is not None and b_t.shape != (vt,):
+        raise ValueError(f"teacher_bias must be ({vt},), got {tuple(b_t.shape)}")
+    return vocab_size
+
+
 def _options(
     divergence: str, temperature: float, params: dict, vocab_size: int, chunk_size: int,
     hard_ce_weight: float, divergence_weight: float, return_terms: bool,
@@ -279,7 +306,7 @@ def fused_kd_loss(
         labels: (N,) long targets, `IGNORE_INDEX` (-100) where the token does not count. The
             valid set is `mask & (labels != -100)` when both are given. Required if
             hard_ce_weight > 0.
-        divergence: a key of `distill.loss.divergences.DIVERGENCES`.
+        divergence: a key of `distill.loss.registry.DIVERGENCES`.
         temperature: softens both distributions, > 0; T^2 scaling is the caller's.
         student_bias: (V_s,) optional student lm_head bias.
         teacher_bias: (V_t,) optional teacher lm_head bias.
@@ -292,50 +319,23 @@ def fused_kd_loss(
             tensors. None: `auto_chunk_size(V)` (2**25 logits per buffer).
         return_terms: also return the unweighted sums [divergence, CE] (2,) for logging
             (CE is computed when labels are given, even at weight 0).
-        **divergence_params: `beta` for jsd, `alpha` for the skew KLs.
+        **divergence_params: its parameters (`beta` for jsd, `alpha` for the skew KLs).
 
     Returns:
         Scalar, fp32 (fp64 if the student inputs are fp64): the weighted sum over valid
         tokens; with return_terms, (that scalar, the (2,) unweighted term sums).
     """
-    resolve_divergence(divergence, divergence_params, temperature)  # validates name, params, T
-    n = student_hidden.shape[0]
-    if student_hidden.dim() != 2 or teacher_hidden.dim() != 2 or teacher_hidden.shape[0] != n:
-        raise ValueError(
-            f"need student_hidden (N, Hs) and teacher_hidden (N, Ht), got "
-            f"{tuple(student_hidden.shape)} and {tuple(teacher_hidden.shape)}"
-        )
-    if teacher_weight.dim() != 2 or teacher_weight.shape[1] != teacher_hidden.shape[1]:
-        raise ValueError(f"teacher_weight must be (V, {teacher_hidden.shape[1]}), got {tuple(teacher_weight.shape)}")
-    vs, vt = student_weight.shape[0], teacher_weight.shape[0]
-    if vocab_size is None:
-        if vs != vt:
-            raise ValueError(f"student vocab {vs} != teacher vocab {vt}; pass vocab_size to slice padded heads")
-        vocab_size = vs
-    if not 1 <= vocab_size <= vt:
-        raise ValueError(f"vocab_size must be in [1, {min(vs, vt)}], got {vocab_size}")
-    if teacher_bias is not None and teacher_bias.shape != (vt,):
-        raise ValueError(f"teacher_bias must be ({vt},), got {tuple(teacher_bias.shape)}")
+    check_divergence(divergence, divergence_params, temperature)  # validates name, params, T
+    vocab_size = _check_teacher(student_hidden, student_weight, teacher_hidden, teacher_weight, teacher_bias, vocab_size)
     valid, chunk_size = _check_student(
         student_hidden, student_weight, student_bias, mask, labels, vocab_size, chunk_size, hard_ce_weight,
         divergence_weight,
     )  # fmt: skip
     opts = _options(divergence, temperature, divergence_params, vocab_size, chunk_size, hard_ce_weight,
                     divergence_weight, return_terms)  # fmt: skip
-    loss, terms = _FusedKD.apply(
-        student_hidden,
-        student_weight,
-        student_bias,
-        valid,
-        labels,
-        opts,
-        _dense_teacher(
-            teacher_hidden.detach(),
-            teacher_weight.detach(),
-            None if teacher_bias is None else teacher_bias.detach(),
-            opts,
-        ),
-    )
+    b_t = None if teacher_bias is None else teacher_bias.detach()
+    teacher = _dense_teacher(teacher_hidden.detach(), teacher_weight.detach(), b_t, opts)
+    loss, terms = _FusedKD.apply(student_hidden, student_weight, student_bias, valid, labels, opts, teacher)
     return (loss, terms) if return_terms else loss
 
 
@@ -374,7 +374,7 @@ def fused_sparse_kd_loss(
         teacher_rest: (N,) log of the teacher's leftover mass (-inf: none).
         vocab_size: the first `vocab_size` student ids (padded heads); None: all rows.
     """
-    resolve_divergence(divergence, divergence_params, temperature)
+    check_divergence(divergence, divergence_params, temperature, sparse=True)
     n = student_hidden.shape[0]
     k = teacher_ids.shape[-1] if teacher_ids.dim() == 2 else -1
     if teacher_ids.shape != (n, k) or teacher_logprobs.shape != (n, k) or teacher_rest.shape != (n,):

@@ -160,7 +160,8 @@ def test_teacher_identical_to_student_agrees_everywhere(tiny_tree, tmp_path):
     result = run_eval(str(run), str(cfg_path))
     assert result == json.loads((run / "eval.json").read_text())
     assert result["agreement_top1"] == 1.0
-    for name in ("forward_kl", "reverse_kl", "jsd", "tvd"):
+    assert list(result["divergences"]) == list(metrics.EVAL_DIVERGENCES)  # the registry's eval entries
+    for name in metrics.EVAL_DIVERGENCES:
         assert abs(result["divergences"][name]) < 1e-6, name
     assert result["teacher"]["accuracy"] == result["accuracy"]
     assert result["teacher"]["heldout_ce"] == pytest.approx(result["heldout_ce"], abs=1e-6)

@@ -1,22 +1,19 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from test_divergences import config_ids
 
 from distill.loss.divergences import divergence, sparse_divergence
 from distill.loss.fused import fused_kd_loss, fused_sparse_kd_loss
+from distill.loss.registry import DIVERGENCES
 
 N, HS, HT, V = 37, 16, 24, 101
-CONFIGS = [
-    ("forward_kl", {}),
-    ("reverse_kl", {}),
-    ("jsd", {"beta": 0.1}),
-    ("jsd", {"beta": 0.5}),
-    ("jsd", {"beta": 0.9}),
-    ("skew_forward_kl", {"alpha": 0.1}),
-    ("skew_reverse_kl", {"alpha": 0.1}),
-    ("tvd", {}),
-]
-IDS = [f"{n}-{'-'.join(f'{k}={v}' for k, v in p.items())}" for n, p in CONFIGS]
+# Every registered divergence, at its defaults unless listed here (interior values only:
+# the endpoints are the plain KLs, tested in test_divergences and test_closed_forms).
+PARAM_CASES = {"jsd": [{"beta": 0.1}, {"beta": 0.5}, {"beta": 0.9}]}
+CONFIGS = [(name, params) for name, spec in DIVERGENCES.items() for params in PARAM_CASES.get(name, [spec.defaults()])]
+SPARSE_CONFIGS = [(n, p) for n, p in CONFIGS if DIVERGENCES[n].sparse]
+IDS, SPARSE_IDS = config_ids(CONFIGS), config_ids(SPARSE_CONFIGS)
 
 
 def make(dtype=torch.float32, seed=0, n=N, hs=HS, ht=HT, v=V, vt=None):
@@ -205,7 +202,7 @@ def sparse_teacher(t, k, temperature):
 
 
 @pytest.mark.parametrize("k", [5, V])
-@pytest.mark.parametrize(("name", "params"), CONFIGS, ids=IDS)
+@pytest.mark.parametrize(("name", "params"), SPARSE_CONFIGS, ids=SPARSE_IDS)
 def test_sparse_parity_fp32(name, params, k):
     t, mask, labels = make(seed=10)
     ids, lp, rest = sparse_teacher(t, k, 2.0)
