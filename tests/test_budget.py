@@ -77,7 +77,7 @@ def test_resume_adds_to_the_training_phases(tiny_tree):
 
 
 def test_a_crash_loses_no_recorded_work(tiny_tree, monkeypatch):
-    from conftest import crash_at
+    from helpers import crash_at
 
     tree = copy.deepcopy(tiny_tree)
     tree["train"].update(steps=4, checkpoint_every=2)

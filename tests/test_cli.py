@@ -6,7 +6,7 @@ import sys
 
 import yaml
 
-from conftest import TINY_STUDENT, TINY_TEACHER
+from helpers import TINY_STUDENT, TINY_TEACHER
 
 
 def run_cli(*args, cwd=None):

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from distill import seeds
 from distill.data.tasks import chain
 from distill.errors import DistillError
 from distill.loss.token_losses import IGNORE_INDEX
@@ -106,7 +107,7 @@ def global_batch_indices(step: int, n_examples: int, global_batch: int, seed: in
     start = step * global_batch
     while len(out) < global_batch:
         epoch, offset = divmod(start + len(out), n_examples)
-        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        g = torch.Generator().manual_seed(seeds.epoch_order(seed, epoch))
         perm = torch.randperm(n_examples, generator=g)
         take = min(global_batch - len(out), n_examples - offset)
         out += perm[offset : offset + take].tolist()

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from distill import rundir
 from distill.data.rows import Example, collate
 from distill.paths import atomic_write_json
 from distill.training.features import Pair, pair_record
@@ -84,7 +85,7 @@ class AlignmentProbe:
         self.probe, self.pairs, self.run_dir, self.write = probe, pairs, run_dir, write
         self.teacher_states = probe.states(teacher, {p.teacher for p in pairs})
         if write:
-            latents = run_dir / "latents"
+            latents = run_dir / rundir.LATENTS
             latents.mkdir(parents=True, exist_ok=True)
             meta = {"tokens": probe.tokens, "pairs": [pair_record(p) for p in pairs]}
             atomic_write_json(latents / "probe.json", meta)
@@ -109,12 +110,12 @@ class AlignmentProbe:
         if projected is not None:
             record["cka_projected_mean"] = sum(r["cka_projected"] for r in rows) / len(rows)
         if self.write:
-            with open(self.run_dir / "alignment.jsonl", "a") as f:  # trimmed on resume, like metrics.jsonl
+            with open(self.run_dir / rundir.ALIGNMENT, "a") as f:  # trimmed on resume, like metrics.jsonl
                 f.write(json.dumps(record) + "\n")
             if snapshot:
                 tensors = {f"student.{i}": s for i, s in states.items()}
                 tensors |= {f"projected.{k}": h for k, h in enumerate(projected or [])}
-                _save(self.run_dir / "latents" / f"step-{step:06d}.safetensors", tensors)
+                _save(self.run_dir / rundir.LATENTS / f"{rundir.step_name(step)}.safetensors", tensors)
         return record
 
 

@@ -12,15 +12,19 @@ folder handed over by someone else cannot run code on resume. Files of other nam
 `.pkl` / `.bin` of accelerate's save_state in older checkpoints) are never opened.
 """
 
+import json
 import random
 import re
+import shutil
+from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from distill import rundir
 from distill.errors import DistillError
-from distill.paths import atomic_write_json, read_json
+from distill.paths import atomic_folder, atomic_write_json, atomic_write_text, publish_folder, read_json, temp_sibling
 
 STATE_KEY = re.compile(r"^state\.(\d+)\.(.+)$")
 
@@ -158,3 +162,51 @@ def load_training_state(acc, modules: list, optimizer, scheduler, folder) -> Non
     load_optimizer(optimizer, folder)
     load_scheduler(scheduler, folder)
     load_rng(folder, acc.process_index)
+
+
+def check_run_dir(run_dir: Path, resume: bool) -> None:
+    """Every process checks (a check on one alone would leave the others waiting)."""
+    if not resume and rundir.latest_checkpoint(run_dir) is not None:
+        raise DistillError(f"{run_dir} already holds a run; resume it with --resume {run_dir} or pick another out_dir")
+
+
+def save_checkpoint(acc, modules: list, optimizer, scheduler, run_dir: Path, step: int, keep: int) -> Path:
+    """`save_training_state` into a temp folder, put in place once complete (an interrupted
+    save leaves no half checkpoint); only the newest `keep` checkpoints stay."""
+    final = rundir.checkpoint_dir(run_dir, step)
+    tmp = temp_sibling(final)
+    if acc.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    acc.wait_for_everyone()
+    save_training_state(acc, modules, optimizer, scheduler, tmp)
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        atomic_write_json(tmp / rundir.CHECKPOINT_STATE, {"step": step})
+        publish_folder(tmp, final)
+        for old in rundir.checkpoints(run_dir)[:-keep]:
+            shutil.rmtree(old)
+    acc.wait_for_everyone()
+    return final
+
+
+def checkpoint_step(folder: Path) -> int:
+    return read_json(folder / rundir.CHECKPOINT_STATE, "checkpoint state")["step"]
+
+
+def trim_log(path: Path, last_step: int) -> None:
+    """On resume, drop records (metrics, alignment) of steps past the checkpoint: they are
+    about to be redone."""
+    if path.exists():
+        keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= last_step]
+        atomic_write_text(path, "".join(line + "\n" for line in keep))
+
+
+def export_student(acc, model, tokenizer, run_dir: Path) -> None:
+    """save_pretrained into RUN/student, so plain transformers reloads it."""
+    state = acc.get_state_dict(model)
+    if acc.is_main_process:
+        with atomic_folder(Path(run_dir) / rundir.STUDENT) as tmp:
+            acc.unwrap_model(model).save_pretrained(tmp, state_dict=state)
+            tokenizer.save_pretrained(tmp)
+    acc.wait_for_everyone()

@@ -15,17 +15,18 @@ RUN/projectors/, never into the exported student.
 
 import json
 import math
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
+from distill import rundir
 from distill.config import FeatureConfig
 from distill.errors import ConfigError
 from distill.loss.token_losses import feature_loss
+from distill.paths import atomic_folder
 
 
 @dataclass(frozen=True)
@@ -171,20 +172,14 @@ def build_projectors(fcfg: FeatureConfig, pairs: list[Pair] | None, student, tea
 
 def export_projectors(projectors: FeatureProjectors, state: dict[str, torch.Tensor], run_dir: Path) -> None:
     """RUN/projectors/: projectors.safetensors + projectors.json (pairs, widths, kind, loss)."""
-    tmp, final = run_dir / ".tmp-projectors", run_dir / "projectors"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp / "projectors.safetensors"))
-    (tmp / "projectors.json").write_text(json.dumps(projectors.spec, indent=2))
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
+    with atomic_folder(Path(run_dir) / rundir.PROJECTORS) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp / "projectors.safetensors"))
+        (tmp / "projectors.json").write_text(json.dumps(projectors.spec, indent=2))
 
 
 def load_projectors(run_dir: str | Path) -> FeatureProjectors:
     """Rebuild the exported projectors of a run directory."""
-    from safetensors.torch import load_file
-
-    folder = Path(run_dir) / "projectors"
+    folder = Path(run_dir) / rundir.PROJECTORS
     spec = json.loads((folder / "projectors.json").read_text())
     fcfg = FeatureConfig(
         weight=1.0, projector=spec["projector"], projector_bias=spec["bias"], mlp_hidden=spec["mlp_hidden"], loss=spec["loss"]

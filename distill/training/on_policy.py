@@ -12,6 +12,7 @@ and student are compared on.
 
 import torch
 
+from distill import seeds
 from distill.config import OnPolicyConfig
 from distill.data.rows import Example
 from distill.errors import DistillError
@@ -27,14 +28,14 @@ def is_on_policy_step(seed: int, step: int, lmbda: float) -> bool:
     """The step's draw: a pure function of (seed, step), identical on every process."""
     if lmbda <= 0:
         return False
-    g = torch.Generator().manual_seed(seed * 1_000_003 + step + 7_777)
+    g = torch.Generator().manual_seed(seeds.on_policy_draw(seed, step))
     return torch.rand(1, generator=g, dtype=torch.float64).item() < lmbda
 
 
 def example_seed(seed: int, step: int, index: int) -> int:
     """The sampling seed of one example at one step: rows do not share noise, and a resumed
     run redraws exactly what the uninterrupted one drew."""
-    return ((seed * 1_000_003 + step) * 1_000_033 + index) % (2**63)
+    return seeds.rollout_row(seed, step, index)
 
 
 def prompt_length(example: Example) -> int:

@@ -14,8 +14,14 @@ so a padded row computes exactly what it would alone.
 Sampling is reproducible: each row draws its uniforms from its own generator, seeded by
 the caller (the training loop seeds it by run seed, step and example index), so a row's
 sample does not depend on which rows share its batch.
+
+The cache goes to the model under the keyword its forward names (`cache_keyword`):
+transformers 5 calls it `cache` (the old `past_key_values` still works there, with a
+FutureWarning, until 5.40), 4.x only `past_key_values`, and a model silently drops the name
+it does not know into **kwargs (it then decodes each new token with no past at all).
 """
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -64,15 +70,30 @@ def positions(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.cumsum(-1) - 1).clamp(min=0)
 
 
+_CACHE_KEYWORDS: dict[type, str] = {}  # model class -> the keyword its forward takes the KV cache by
+
+
+def cache_keyword(model) -> str:
+    """`cache` or `past_key_values`: the name `model`'s forward gives its KV-cache argument."""
+    kind = type(model)
+    if kind not in _CACHE_KEYWORDS:
+        names = inspect.signature(kind.forward).parameters  # follows transformers' decorators (__wrapped__)
+        found = [name for name in ("cache", "past_key_values") if name in names]
+        if not found:
+            raise TypeError(f"{kind.__name__}.forward takes no KV cache (neither `cache` nor `past_key_values`)")
+        _CACHE_KEYWORDS[kind] = found[0]
+    return _CACHE_KEYWORDS[kind]
+
+
 def prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache) -> torch.Tensor:
     """Run the prompts through the model, filling `cache`. Returns next-token logits (B, V)."""
     out = model(
         input_ids=input_ids,
         attention_mask=attention_mask,
         position_ids=positions(attention_mask),
-        cache=cache,
         use_cache=True,
         logits_to_keep=1,
+        **{cache_keyword(model): cache},
     )
     return out.logits[:, -1]
 
@@ -84,8 +105,8 @@ def decode_step(model, tokens: torch.Tensor, attention_mask: torch.Tensor, cache
         input_ids=tokens[:, None],
         attention_mask=attention_mask,
         position_ids=attention_mask.sum(-1, keepdim=True) - 1,
-        cache=cache,
         use_cache=True,
+        **{cache_keyword(model): cache},
     )
     return out.logits[:, -1]
 

@@ -25,7 +25,7 @@ from distill.models.build import build_model, build_tokenizer
 from distill.pipeline.cache import write_teacher_cache
 from distill.training.loop import train
 
-from conftest import read_metrics
+from helpers import read_metrics
 
 
 def write(tree, out, k=4, dtype="float32", shard_examples=16):

@@ -7,13 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from distill.config import build_config
 from distill.errors import DistillError
 from distill.training.loop import train
 
-from conftest import crash_at, read_metrics
+from helpers import crash_at, read_metrics, student_weights
 
 
 class _Boom:
@@ -48,8 +47,7 @@ def test_resume_never_unpickles_and_equals_uninterrupted(tiny_tree, tmp_path, mo
     for x, y in zip(read_metrics(full["out_dir"]), read_metrics(cut["out_dir"])):
         assert y["loss"] == pytest.approx(x["loss"], abs=1e-6, rel=0)
         assert y["lr"] == x["lr"]
-    wf = load_file(str(Path(full["out_dir"]) / "student" / "model.safetensors"))
-    wc = load_file(str(Path(cut["out_dir"]) / "student" / "model.safetensors"))
+    wf, wc = student_weights(full["out_dir"]), student_weights(cut["out_dir"])
     for k in wf:
         torch.testing.assert_close(wc[k], wf[k], atol=1e-6, rtol=0)
 

@@ -13,13 +13,13 @@ import yaml
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import distill.training.loop as train_mod
+import distill.training.teachers as teachers_mod
 from distill.config import build_config
 from distill.errors import DistillError
 from distill.pipeline.runner import run_training
 from distill.training.loop import train
 
-from conftest import crash_at, read_metrics
+from helpers import crash_at, read_metrics, student_weights
 
 
 def _train(tree, **changes):
@@ -28,10 +28,6 @@ def _train(tree, **changes):
         section, key = dotted.split("__")
         tree[section][key] = value
     return train(build_config(tree), show_progress=False)
-
-
-def _weights(run_dir) -> dict[str, torch.Tensor]:
-    return load_file(str(Path(run_dir) / "student" / "model.safetensors"))
 
 
 def test_run_writes_artifacts_and_learns(tiny_tree):
@@ -76,7 +72,7 @@ def test_accumulation_invariance_1x8_equals_8x1(tiny_tree, tmp_path):
         assert x["valid_tokens"] == y["valid_tokens"]
         for k in ("loss", "task_ce", "kd"):
             assert x[k] == pytest.approx(y[k], abs=1e-5, rel=0)
-    wa, wb = _weights(a["out_dir"]), _weights(b["out_dir"])
+    wa, wb = student_weights(a["out_dir"]), student_weights(b["out_dir"])
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=0)
 
@@ -99,7 +95,7 @@ def test_resume_equals_uninterrupted(tiny_tree, tmp_path, monkeypatch, feature_w
     assert [m["step"] for m in mc] == [1, 2, 3, 4, 5, 6]
     for x, y in zip(mf, mc):
         assert y["loss"] == pytest.approx(x["loss"], abs=1e-6, rel=0)
-    wf, wc = _weights(full["out_dir"]), _weights(cut["out_dir"])
+    wf, wc = student_weights(full["out_dir"]), student_weights(cut["out_dir"])
     for k in wf:
         torch.testing.assert_close(wc[k], wf[k], atol=1e-6, rtol=0)
     af, ac = ([json.loads(x) for x in (Path(d) / "alignment.jsonl").read_text().splitlines()] for d in (full["out_dir"], cut["out_dir"]))
@@ -134,8 +130,8 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_tree, monkeypatch, f
 
         return wrapped
 
-    monkeypatch.setattr(train_mod, "combine", poison(train_mod.combine))
-    monkeypatch.setattr(train_mod, "fused_term_sums", poison(train_mod.fused_term_sums))
+    monkeypatch.setattr(teachers_mod, "combine", poison(teachers_mod.combine))
+    monkeypatch.setattr(teachers_mod, "fused_term_sums", poison(teachers_mod.fused_term_sums))
     with pytest.raises(DistillError, match=r"loss became nan at step 3; .*step-000002"):
         _train(tiny_tree)
     ckpts = sorted(p.name for p in (Path(tiny_tree["out_dir"]) / "checkpoints").iterdir())
@@ -153,7 +149,7 @@ def test_fused_path_trains_like_the_naive_path(tiny_tree, tmp_path, name):
     for x, y in zip(read_metrics(a["out_dir"]), read_metrics(b["out_dir"])):
         for k in ("loss", "task_ce", "kd"):
             assert y[k] == pytest.approx(x[k], abs=1e-5, rel=1e-5)
-    wa, wb = _weights(a["out_dir"]), _weights(b["out_dir"])
+    wa, wb = student_weights(a["out_dir"]), student_weights(b["out_dir"])
     for k in wa:
         torch.testing.assert_close(wb[k], wa[k], atol=1e-5, rtol=1e-4)
 
@@ -194,7 +190,7 @@ def test_two_processes_match_one(tiny_tree, tmp_path, feature_weight, lmbda, mod
             assert y["feature"] == pytest.approx(x["feature"], abs=1e-5, rel=0)
         if mode == "multitask":
             assert y["rationale_task_ce"] == pytest.approx(x["rationale_task_ce"], abs=1e-5, rel=0)
-    w1, w2 = _weights(one["out_dir"]), _weights(two["out_dir"])
+    w1, w2 = student_weights(one["out_dir"]), student_weights(two["out_dir"])
     for k in w1:
         torch.testing.assert_close(w2[k], w1[k], atol=1e-5, rtol=0)
     if feature_weight:

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 import distill.training.on_policy as on_policy_mod
 from distill.config import OnPolicyConfig, build_config
@@ -19,17 +18,13 @@ from distill.models.build import build_models
 from distill.training.loop import train
 from distill.training.on_policy import is_on_policy_step, prompt_length, sample_examples
 
-from conftest import crash_at, read_metrics
+from helpers import crash_at, read_metrics, student_weights
 
 
 def _on_policy(tree, **sampling) -> dict:
     tree = copy.deepcopy(tree)
     tree["on_policy"] = {"lmbda": 1.0, "max_new_tokens": 12, **sampling}
     return tree
-
-
-def _weights(run_dir) -> dict[str, torch.Tensor]:
-    return load_file(str(Path(run_dir) / "student" / "model.safetensors"))
 
 
 def test_lambda_draw_is_a_function_of_seed_and_step():
@@ -52,7 +47,7 @@ def test_lambda_zero_reproduces_the_off_policy_run(tiny_tree, tmp_path):
     m_off = [{k: v for k, v in m.items() if k not in drop} for m in read_metrics(off["out_dir"])]
     m_zero = [{k: v for k, v in m.items() if k not in drop} for m in read_metrics(zero["out_dir"])]
     assert m_zero == m_off  # bit for bit
-    w_off, w_zero = _weights(off["out_dir"]), _weights(zero["out_dir"])
+    w_off, w_zero = student_weights(off["out_dir"]), student_weights(zero["out_dir"])
     assert all(torch.equal(w_off[k], w_zero[k]) for k in w_off)
 
 
@@ -138,7 +133,7 @@ def test_on_policy_resume_equals_uninterrupted(tiny_tree, tmp_path, monkeypatch)
     assert [m.get("generated_tokens") for m in mc] == [m.get("generated_tokens") for m in mf]
     for x, y in zip(mf, mc):
         assert y["loss"] == pytest.approx(x["loss"], abs=1e-6, rel=0)
-    wf, wc = _weights(full["out_dir"]), _weights(cut["out_dir"])
+    wf, wc = student_weights(full["out_dir"]), student_weights(cut["out_dir"])
     for k in wf:
         torch.testing.assert_close(wc[k], wf[k], atol=1e-6, rtol=0)
 

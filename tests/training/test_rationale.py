@@ -19,7 +19,7 @@ from distill.models.build import build_models
 from distill.pipeline.runner import run_training
 from distill.training.loop import train
 
-from conftest import read_metrics
+from helpers import read_metrics
 
 
 def multitask(tree, weight=0.5, **train_changes):

@@ -13,7 +13,7 @@ from distill.models.students import make_student
 from distill.training.features import load_projectors
 from distill.training.loop import train
 
-from conftest import read_metrics
+from helpers import read_metrics
 
 pytestmark = pytest.mark.real
 

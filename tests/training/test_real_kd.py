@@ -9,7 +9,7 @@ import pytest
 from distill.config import build_config
 from distill.training.loop import train
 
-from conftest import read_metrics
+from helpers import read_metrics
 
 pytestmark = pytest.mark.real
 SMOL = "packaged:smollm2-135m-instruct"
