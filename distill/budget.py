@@ -19,6 +19,7 @@ unknown (a teacher behind a server).
 
 from pathlib import Path
 
+from distill import rundir
 from distill.paths import atomic_write_json, read_json
 
 
@@ -88,12 +89,12 @@ def record_training(
     teacher_generation from a `distill generate` folder holding data.source, and
     teacher_caching from cfg.teacher_cache.
     """
-    path = Path(run_dir) / "budget.json"
+    path = Path(run_dir) / rundir.BUDGET
     source = Path(cfg.data.source)
     if not cfg.data.source.startswith("builtin:"):
-        copy_phase(source.parent / "budget.json", "teacher_generation", path)
+        copy_phase(source.parent / rundir.BUDGET, "teacher_generation", path)
     if cfg.teacher_cache is not None:
-        copy_phase(Path(cfg.teacher_cache) / "budget.json", "teacher_caching", path)
+        copy_phase(Path(cfg.teacher_cache) / rundir.BUDGET, "teacher_caching", path)
     if teacher_params is not None:
         add = {"tokens": tokens, "flops": forward_flops(teacher_params, tokens), "seconds": teacher_s}
         record_phase(path, "teacher_scoring", add=add)

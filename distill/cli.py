@@ -5,9 +5,11 @@ import sys
 from pathlib import Path
 from typing import Annotated
 
+import click
 import typer
 
-from distill.errors import DistillError
+from distill import rundir
+from distill.errors import ConfigError, DistillError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Knowledge distillation of language models.")
 
@@ -21,14 +23,13 @@ def train(
 ):
     """Train a student (logit KD, or labels only with objective.alpha=0)."""
     from distill.config import load_config
-    from distill.errors import ConfigError
     from distill.pipeline.runner import run_training
 
     if resume is not None:
         # `distill train --resume RUN_DIR [overrides]`: the run's own resolved config.
         if config is not None:
             overrides = [config, *(overrides or [])]
-        cfg = load_config(Path(resume) / "config.yaml", overrides or [])
+        cfg = load_config(Path(resume) / rundir.CONFIG, overrides or [])
         if Path(cfg.out_dir).resolve() != Path(resume).resolve():
             cfg.out_dir = str(resume)
     elif config is None:
@@ -109,7 +110,6 @@ def generate(
     teacher_params: Annotated[int | None, typer.Option(help="Server: the teacher's parameter count, for the FLOPs estimate.")] = None,
 ):
     """A teacher writes rationale + answer for each prompt (local model or server)."""
-    from distill.errors import ConfigError
     from distill.pipeline.chat_client import ServerSettings
     from distill.pipeline.generate import GenerateSettings, run_generate
 
@@ -240,8 +240,6 @@ def main() -> None:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
     except Exception as e:  # click usage errors arrive here in standalone_mode=False
-        import click
-
         if isinstance(e, click.ClickException):
             e.show()
             sys.exit(e.exit_code)

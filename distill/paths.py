@@ -1,8 +1,11 @@
 """Where distill keeps things on disk, and how it writes them safely."""
 
+import contextlib
 import json
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -71,3 +74,38 @@ def jsonl_objects(path: Path, what: str):
         if not isinstance(obj, dict):
             raise DistillError(f"{where}: expected a JSON object, got {type(obj).__name__}")
         yield where, obj
+
+
+def temp_sibling(final: Path) -> Path:
+    """The temp folder beside `final` that `atomic_folder` fills: `.tmp-<name>`."""
+    final = Path(final)
+    return final.with_name(f".tmp-{final.name}")
+
+
+def publish_folder(tmp: Path, final: Path) -> None:
+    """Replace `final` by the complete folder `tmp` (same parent): a reader sees the old
+    folder or the new one, never half of one."""
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+
+
+@contextlib.contextmanager
+def atomic_folder(final: Path) -> Iterator[Path]:
+    """Fill a fresh temp folder beside `final`, then put it in place of `final`.
+
+        with atomic_folder(run_dir / "student") as tmp:
+            model.save_pretrained(tmp)
+
+    An exception (or a kill) leaves `final` as it was; the temp folder is removed on an
+    exception, and a later call clears one a kill left behind.
+    """
+    final = Path(final)
+    tmp = temp_sibling(final)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    publish_folder(tmp, final)

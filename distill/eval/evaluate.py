@@ -10,10 +10,12 @@ from pathlib import Path
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
+from distill import rundir, seeds
 from distill.config import EvalConfig
 from distill.data.rows import Row, collate, tokenize_rows
 from distill.eval import metrics
 from distill.eval.answers import grade, splitter
+from distill.models.loading import count_parameters, load_causal_lm, load_tokenizer
 from distill.training.rollout import Sampling, rollout
 
 
@@ -90,8 +92,8 @@ def generate_sampled(model, tokenizer, prompts: list[str], sampling: Sampling, s
     out = []
     for i in range(0, len(ids), batch_size):
         chunk = ids[i : i + batch_size]
-        seeds = [seed * 1_000_003 + i + j for j in range(len(chunk))]
-        done = rollout(model, chunk, sampling, tokenizer.eos_token_id, tokenizer.pad_token_id, seeds)
+        row_seeds = [seeds.eval_sample(seed, i + j) for j in range(len(chunk))]
+        done = rollout(model, chunk, sampling, tokenizer.eos_token_id, tokenizer.pad_token_id, row_seeds)
         out += tokenizer.batch_decode(done.completions, skip_special_tokens=True)
     return out
 
@@ -205,8 +207,6 @@ def evaluate_rows(
         agreement_top1, divergences, teacher, length); usage is the compute spent: tokens,
         scored_tokens, generated_tokens, flops.
     """
-    from distill.models.loading import count_parameters
-
     t0 = time.perf_counter()
     bs, prompts = settings.batch_size, [r.prompt for r in rows]
     forced = forced_scores(model, tokenizer, rows, bs, max_length, teacher, vocab)
@@ -252,8 +252,6 @@ def evaluate_rows(
 
 def load_student(run_or_model_dir: str | Path):
     """A run directory's exported student, or a save_pretrained folder, with its tokenizer."""
-    from distill.models.loading import load_causal_lm, load_tokenizer
-
     path = Path(run_or_model_dir)
-    folder = path / "student" if (path / "student" / "config.json").exists() else path
+    folder = path / rundir.STUDENT if (path / rundir.STUDENT / "config.json").exists() else path
     return load_causal_lm(name=str(folder)), load_tokenizer(str(folder))

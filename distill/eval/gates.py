@@ -17,6 +17,8 @@ import operator
 import re
 from dataclasses import dataclass
 
+from rich.table import Table
+
 from distill.errors import DistillError
 
 # metric -> (section of eval.json or None for the top level, key there, description)
@@ -123,8 +125,6 @@ def check_gates(gates: dict[str, str], result: dict) -> dict:
 
 def gates_table(report: dict):
     """A rich Table of gate results: metric, expression, value, threshold, pass / FAIL."""
-    from rich.table import Table
-
     def num(x: float | None) -> str:
         return "-" if x is None else f"{x:.4g}"
 

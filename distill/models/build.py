@@ -5,6 +5,7 @@ import json
 
 import torch
 
+from distill import seeds
 from distill.config import ModelConfig, RunConfig
 from distill.data.rows import Example
 from distill.data.tasks.tokenizer import chain_tokenizer
@@ -52,7 +53,7 @@ def output_size(model) -> int:
 def build_models(cfg: RunConfig):
     """Student, teacher (or None), the student's tokenizer and the shared real vocab size."""
     s_tok = build_tokenizer(cfg.student, "student")
-    student = build_model(cfg.student, s_tok, "student", cfg.train.seed)
+    student = build_model(cfg.student, s_tok, "student", seeds.student_init(cfg.train.seed))
     needed = cfg.objective.alpha > 0 or cfg.features.weight > 0
     if not needed or cfg.teacher is None or cfg.teacher_cache is not None:
         return student, None, s_tok, len(s_tok)  # a cached teacher is never loaded
@@ -64,7 +65,7 @@ def build_teacher(cfg: RunConfig, student_tokenizer, student):
     """The run's teacher (frozen, eval mode), its tokenizer and the vocabulary size it shares
     with the student (a mismatch is an error)."""
     t_tok = build_tokenizer(cfg.teacher, "teacher")
-    teacher = build_model(cfg.teacher, t_tok, "teacher", cfg.train.seed + 1)
+    teacher = build_model(cfg.teacher, t_tok, "teacher", seeds.teacher_init(cfg.train.seed))
     vocab = check_vocabularies(t_tok, student_tokenizer, output_size(teacher), output_size(student))
     teacher.eval().requires_grad_(False)
     return teacher, t_tok, vocab
@@ -78,7 +79,7 @@ def build_teacher_cache(cfg: RunConfig, tokenizer, examples: list[Example], stud
         "tokenizer_hash": tokenizer_hash(tokenizer),
         "dataset_hash": dataset_hash(examples),
         "temperature": cfg.objective.temperature,
-        "teacher": None if cfg.teacher is None else model_id(cfg.teacher, cfg.train.seed + 1),
+        "teacher": None if cfg.teacher is None else model_id(cfg.teacher, seeds.teacher_init(cfg.train.seed)),
     }
     cache = TeacherCache(cfg.teacher_cache, expected)
     if cache.vocab_size > student_vocab:

@@ -130,6 +130,10 @@ def _build_gguf_cache(gguf: Path, folder: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
 
     folder.parent.mkdir(parents=True, exist_ok=True)
+    # Not `distill.paths.atomic_folder`: two processes may build the same cache at once, so
+    # each writes its own mkdtemp folder (a fixed `.tmp-<name>` would be cleared under the
+    # other) and the first rename wins (publish_folder would delete the winner's folder
+    # while someone may be loading it).
     # A killed build leaves its temp folder (~0.5 GB); sweep ones too old to be live.
     for stale in folder.parent.glob(f".{folder.name}.*.tmp"):
         if time.time() - stale.stat().st_mtime > 3600:

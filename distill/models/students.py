@@ -12,7 +12,6 @@ import copy
 import json
 import math
 import re
-import shutil
 from pathlib import Path
 
 import torch
@@ -20,8 +19,8 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from distill.errors import DistillError
-from distill.models.loading import count_parameters
-from distill.paths import read_json
+from distill.models.loading import count_parameters, load_causal_lm, load_tokenizer
+from distill.paths import atomic_folder, read_json
 
 
 def decoder_layers(model) -> tuple[str, nn.ModuleList]:
@@ -175,13 +174,10 @@ def save_student(student, tokenizer, out: str | Path, provenance: dict) -> Path:
     out = Path(out)
     if out.exists():
         raise DistillError(f"{out} already exists; pick another --out")
-    tmp = out.with_name(f".tmp-{out.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.parent.mkdir(parents=True, exist_ok=True)
-    student.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    (tmp / "student.json").write_text(json.dumps({**provenance, "params": count_parameters(student)}, indent=2))
-    tmp.rename(out)
+    with atomic_folder(out) as tmp:
+        student.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "student.json").write_text(json.dumps({**provenance, "params": count_parameters(student)}, indent=2))
     return out
 
 
@@ -200,8 +196,6 @@ def make_student(
     dtype: str = "float32",
 ) -> dict:
     """Build and save a student of `teacher_name`; returns its student.json record."""
-    from distill.models.loading import load_causal_lm, load_tokenizer
-
     chosen = [x is not None for x in (layers, every, keep)]
     if sum(chosen) > 1:
         raise DistillError("give at most one of --layers, --every, --keep")

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save
 
+from distill import rundir, seeds
 from distill.budget import forward_flops, record_phase
 from distill.data.build import build_examples
 from distill.data.rows import Example, collate
@@ -148,7 +149,7 @@ def write_teacher_cache(
         raise DistillError(f"--top-k must be in [1, {vocab}] (the teacher's vocabulary), got {top_k}")
     examples = build_examples(cfg.data, tokenizer)
     header = {
-        "teacher": model_id(cfg.teacher, cfg.train.seed + 1),
+        "teacher": model_id(cfg.teacher, seeds.teacher_init(cfg.train.seed)),
         "tokenizer_hash": tokenizer_hash(tokenizer),
         "dataset_hash": dataset_hash(examples),
         "temperature": cfg.objective.temperature,
@@ -160,7 +161,7 @@ def write_teacher_cache(
     writer = CacheWriter(Path(out), header, len(examples))
     todo = writer.todo()
     if todo:
-        teacher = build_model(cfg.teacher, tokenizer, "teacher", cfg.train.seed + 1)
+        teacher = build_model(cfg.teacher, tokenizer, "teacher", seeds.teacher_init(cfg.train.seed))
         device = torch.device("cuda" if torch.cuda.is_available() and cfg.train.device == "auto" else "cpu")
         teacher.to(device).eval()
         params = count_parameters(teacher)
@@ -177,7 +178,7 @@ def write_teacher_cache(
             # Recorded shard by shard: a killed and resumed cache counts every shard once.
             read = sum(len(e.input_ids) for e in examples[lo:hi])
             add = {"tokens": read, "flops": forward_flops(params, read), "seconds": time.perf_counter() - t0}
-            record_phase(Path(out) / "budget.json", "teacher_caching", add=add)
+            record_phase(Path(out) / rundir.BUDGET, "teacher_caching", add=add)
             done += 1
             progress.update(done, float("nan"), 0.0)
         progress.close()

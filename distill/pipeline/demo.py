@@ -15,10 +15,10 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from distill import __version__
+from distill import __version__, rundir
 from distill.config import RunConfig, build_config, dump_config, read_yaml
 from distill.errors import DistillError
-from distill.paths import atomic_write_json, cache_root
+from distill.paths import atomic_write_json, cache_root, publish_folder
 from distill.pipeline.runner import run_training
 from distill.report import write_report
 
@@ -36,35 +36,37 @@ def teacher_key(cfg: RunConfig) -> str:
 
 
 def cached_teacher(console: Console) -> tuple[Path, dict]:
-    """The teacher run directory, trained on first use and reused after."""
+    """The teacher run directory, trained on first use and reused after.
+
+    It trains in `<key>.partial` beside its final folder (the name it has always had, kept so
+    the cache's files stay as they were); then config.yaml, which names the folder the run
+    trained in, is pointed at the final folder, and the whole folder is published there."""
     cfg = build_config(packaged_config("demo_teacher"), source="demo_teacher.yaml")
     final = cache_root() / "teachers" / teacher_key(cfg)
-    if (final / "student" / "config.json").exists() and (final / "eval.json").exists():
+    if (final / rundir.STUDENT / "config.json").exists() and (final / rundir.EVAL).exists():
         console.print(f"[green]teacher[/] reused from cache: {final}")
-        return final, json.loads((final / "train_summary.json").read_text())
+        return final, json.loads((final / rundir.TRAIN_SUMMARY).read_text())
     console.print(f"[bold]teacher[/]: training once, cached at {final}")
     tmp = final.with_name(final.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(tmp, ignore_errors=True)  # a killed first try left it
     cfg.out_dir = str(tmp)
-    # Point the saved config at the final location before training writes it.
     result = run_training(cfg)
-    (tmp / "config.yaml").write_text(dump_config(cfg.model_copy(update={"out_dir": str(final)})))
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
+    (tmp / rundir.CONFIG).write_text(dump_config(cfg.model_copy(update={"out_dir": str(final)})))
+    publish_folder(tmp, final)
     return final, result["train"]
 
 
 def fresh_run_dir(path: Path) -> None:
     """The demo owns its run folders: clear a previous demo's run, never anything else."""
     if path.exists():
-        if not (path / "config.yaml").exists():
+        if not (path / rundir.CONFIG).exists():
             raise DistillError(f"{path} exists and is not a run directory; choose another --out")
         shutil.rmtree(path)
 
 
 def student_run(name: str, out: Path, teacher_dir: Path, alpha: float, seed: int) -> dict:
     tree = packaged_config("demo_student")
-    tree["teacher"] = {"name": str(teacher_dir / "student")} if alpha > 0 else None
+    tree["teacher"] = {"name": str(teacher_dir / rundir.STUDENT)} if alpha > 0 else None
     tree["objective"]["alpha"] = alpha
     tree["train"]["seed"] = seed
     tree["out_dir"] = str(out / name)
@@ -75,7 +77,7 @@ def student_run(name: str, out: Path, teacher_dir: Path, alpha: float, seed: int
 def run_demo(out: Path, seed: int = 0) -> dict:
     console = Console(stderr=True)
     teacher_dir, teacher_train = cached_teacher(console)
-    teacher_eval = json.loads((teacher_dir / "eval.json").read_text())
+    teacher_eval = json.loads((teacher_dir / rundir.EVAL).read_text())
     console.print("[bold]student[/] with logit KD (alpha 0.5, T 2)")
     kd = student_run("student-kd", out, teacher_dir, alpha=0.5, seed=seed)
     console.print("[bold]student[/] on labels only (alpha 0)")

@@ -28,8 +28,12 @@ from pathlib import Path
 
 import torch
 
+from distill import rundir
 from distill.budget import forward_flops, record_phase
+from distill.data.rows import builtin_rows
 from distill.errors import ConfigError, DistillError
+from distill.eval.evaluate import load_student
+from distill.models.loading import count_parameters
 from distill.paths import atomic_write_json, jsonl_objects, read_json
 from distill.pipeline.chat_client import Reply, ServerSettings, complete_all
 from distill.training.rollout import Sampling, rollout
@@ -61,8 +65,6 @@ def read_prompts(source: str, n: int | None) -> list[Prompt]:
     """'builtin:chain' (the built-in task's training prompts, with gold answers; n of them)
     or a JSONL file of {"prompt", "answer"?} rows (the first n, if n is given)."""
     if source == "builtin:chain":
-        from distill.data.rows import builtin_rows
-
         if n is None:
             raise ConfigError("--prompts builtin:chain needs --n (how many training prompts)")
         return [Prompt(i, r.prompt, r.answer) for i, r in enumerate(builtin_rows("train", n, 0, 3, 6))]
@@ -164,9 +166,6 @@ class LocalTeacher:
     """A transformers model that samples in batches (KV cache, one seed per row)."""
 
     def __init__(self, name: str, chat_template: bool | None, dtype: str = "float32"):
-        from distill.eval.evaluate import load_student
-        from distill.models.loading import count_parameters
-
         self.model, self.tokenizer = load_student(name)
         if dtype == "bfloat16":
             self.model.to(torch.bfloat16)
@@ -235,6 +234,97 @@ def check_settings(out: Path, meta: dict, has_rows: bool) -> None:
             )
 
 
+@dataclass
+class _Tally:
+    """What one `run_generate` call has done so far (read after a failure too)."""
+
+    total: int  # jobs, those already in the file included
+    skipped: int  # jobs already in the file
+    params: int | None  # the teacher's parameter count, where known
+    written: int = 0
+    retries: int = 0
+
+
+def check_arguments(settings: GenerateSettings, teacher: str | None, server: ServerSettings | None, batch_size: int) -> None:
+    if (teacher is None) == (server is None):
+        raise ConfigError("give exactly one teacher: --teacher (a local model) or --server URL with --model")
+    if settings.samples < 1 or settings.max_new_tokens < 1 or batch_size < 1:
+        raise ConfigError("--samples, --max-new-tokens and --batch-size must be at least 1")
+    if settings.temperature < 0 or not 0 < settings.top_p <= 1:
+        raise ConfigError("--temperature must be >= 0 and --top-p in (0, 1]")
+
+
+def open_rows(out: Path, meta: dict) -> RowFile:
+    """OUT/generations.jsonl, after checking a rerun asks for what its rows were written with."""
+    rows = RowFile(out / OUTPUT)
+    try:
+        check_settings(out, meta, has_rows=bool(rows.rows))
+    except BaseException:
+        rows.close()
+        raise
+    return rows
+
+
+def make_jobs(prompts: list[Prompt], settings: GenerateSettings) -> list[Job]:
+    """`settings.samples` jobs per distinct prompt, each with its own sampling seed."""
+    jobs, seen = [], set()
+    for p in prompts:
+        phash = prompt_hash(p.prompt, settings.system)
+        if phash in seen:
+            continue  # a repeated prompt is generated once
+        seen.add(phash)
+        jobs += [Job(p, phash, k, row_seed(settings.seed, phash, k)) for k in range(settings.samples)]
+    return jobs
+
+
+def generate_local(
+    todo: list[Job],
+    rows: RowFile,
+    tally: _Tally,
+    teacher: str,
+    teacher_id: str,
+    settings: GenerateSettings,
+    chat_template: bool | None,
+    dtype: str,
+    batch_size: int,
+    progress: bool,
+) -> None:
+    """Sample the jobs with a local transformers teacher, a batch at a time; append each row."""
+    local = LocalTeacher(teacher, chat_template, dtype)
+    tally.params = local.params
+    todo = sorted(todo, key=lambda j: len(j.prompt.prompt))  # similar lengths share a batch: less padding
+    for i in range(0, len(todo), batch_size):
+        batch = todo[i : i + batch_size]
+        for job, reply in zip(batch, local.replies(batch, settings)):
+            rows.append(make_row(job, reply, teacher_id, settings))
+            tally.written += 1
+        if progress:
+            print(f"generate: {tally.skipped + tally.written}/{tally.total} rows", file=sys.stderr)
+
+
+def generate_remote(
+    todo: list[Job],
+    rows: RowFile,
+    tally: _Tally,
+    server: ServerSettings,
+    teacher_id: str,
+    settings: GenerateSettings,
+    progress: bool,
+) -> None:
+    """Ask the server for every job concurrently; append each row as its reply comes."""
+    by_key = {j.key: j for j in todo}
+
+    def on_reply(key, reply: Reply) -> None:
+        rows.append(make_row(by_key[key], reply, teacher_id, settings))
+        tally.written += 1
+        tally.retries += reply.retries
+        if progress and (tally.written % max(1, len(todo) // 20) == 0 or tally.written == len(todo)):
+            print(f"generate: {tally.skipped + tally.written}/{tally.total} rows, {tally.retries} retries", file=sys.stderr)
+
+    requests = [(j.key, server_body(server, j, settings), f"prompt {j.prompt.index + 1} sample {j.sample}") for j in todo]
+    run_coroutine(complete_all(server, requests, on_reply))
+
+
 def run_generate(
     prompts_source: str,
     out: Path,
@@ -249,12 +339,7 @@ def run_generate(
     progress: bool = True,
 ) -> dict:
     """Generate what is missing from OUT/generations.jsonl; returns a summary."""
-    if (teacher is None) == (server is None):
-        raise ConfigError("give exactly one teacher: --teacher (a local model) or --server URL with --model")
-    if settings.samples < 1 or settings.max_new_tokens < 1 or batch_size < 1:
-        raise ConfigError("--samples, --max-new-tokens and --batch-size must be at least 1")
-    if settings.temperature < 0 or not 0 < settings.top_p <= 1:
-        raise ConfigError("--temperature must be >= 0 and --top-p in (0, 1]")
+    check_arguments(settings, teacher, server, batch_size)
     prompts = read_prompts(prompts_source, n)
     out = Path(out)
     teacher_id = teacher if teacher is not None else f"{server.base_url.rstrip('/')}#{server.model}"
@@ -267,55 +352,26 @@ def run_generate(
         "dtype": dtype if teacher is not None else None,
     }
     out.mkdir(parents=True, exist_ok=True)
-    rows = RowFile(out / OUTPUT)
-    try:
-        check_settings(out, meta, has_rows=bool(rows.rows))
-    except BaseException:
-        rows.close()
-        raise
-
-    jobs, seen = [], set()
-    for p in prompts:
-        phash = prompt_hash(p.prompt, settings.system)
-        if phash in seen:
-            continue  # a repeated prompt is generated once
-        seen.add(phash)
-        jobs += [Job(p, phash, k, row_seed(settings.seed, phash, k)) for k in range(settings.samples)]
+    rows = open_rows(out, meta)
+    jobs = make_jobs(prompts, settings)
     todo = [j for j in jobs if j.key not in rows.keys]
-    skipped = len(jobs) - len(todo)
-    t0, retries, params = time.perf_counter(), 0, teacher_params
-    written = 0
+    tally = _Tally(total=len(jobs), skipped=len(jobs) - len(todo), params=teacher_params)
+    t0 = time.perf_counter()
     try:
         if teacher is not None:
-            local = LocalTeacher(teacher, chat_template, dtype)
-            params = local.params
-            todo.sort(key=lambda j: len(j.prompt.prompt))  # similar lengths share a batch: less padding
-            for i in range(0, len(todo), batch_size):
-                batch = todo[i : i + batch_size]
-                for job, reply in zip(batch, local.replies(batch, settings)):
-                    rows.append(make_row(job, reply, teacher_id, settings))
-                    written += 1
-                if progress:
-                    print(f"generate: {skipped + written}/{len(jobs)} rows", file=sys.stderr)
+            generate_local(todo, rows, tally, teacher, teacher_id, settings, chat_template, dtype, batch_size, progress)
         else:
-            by_key = {j.key: j for j in todo}
-
-            def on_reply(key, reply: Reply) -> None:
-                nonlocal written, retries
-                rows.append(make_row(by_key[key], reply, teacher_id, settings))
-                written += 1
-                retries += reply.retries
-                if progress and (written % max(1, len(todo) // 20) == 0 or written == len(todo)):
-                    print(f"generate: {skipped + written}/{len(jobs)} rows, {retries} retries", file=sys.stderr)
-
-            requests = [(j.key, server_body(server, j, settings), f"prompt {j.prompt.index + 1} sample {j.sample}") for j in todo]
-            run_coroutine(complete_all(server, requests, on_reply))
+            generate_remote(todo, rows, tally, server, teacher_id, settings, progress)
     finally:
         rows.close()
         seconds = time.perf_counter() - t0
-        totals = token_totals(rows.rows, params)
-        record_phase(out / "budget.json", "teacher_generation", add={"seconds": seconds, "retries": retries}, totals=totals)
-    return {"out": str(out), "rows": len(rows.rows), "written": written, "already_there": skipped, "seconds": seconds, **totals}
+        totals = token_totals(rows.rows, tally.params)
+        add = {"seconds": seconds, "retries": tally.retries}
+        record_phase(out / rundir.BUDGET, "teacher_generation", add=add, totals=totals)
+    return {
+        "out": str(out), "rows": len(rows.rows), "written": tally.written, "already_there": tally.skipped,
+        "seconds": seconds, **totals,
+    }  # fmt: skip
 
 
 def run_coroutine(coro):

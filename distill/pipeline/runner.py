@@ -5,10 +5,12 @@ from pathlib import Path
 
 import torch
 
+from distill import rundir
 from distill.budget import record_phase
 from distill.config import RunConfig, load_config
 from distill.data.build import build_rows
 from distill.data.rationale import eval_rows
+from distill.data.tasks import chain
 from distill.errors import ConfigError, DistillError
 from distill.eval.evaluate import evaluate_rows, load_student
 from distill.eval.gates import check_gates
@@ -33,8 +35,6 @@ def load_eval_teacher(cfg: RunConfig, tokenizer, student):
 def default_format_regex(cfg: RunConfig) -> str | None:
     """eval.format_regex, else the built-in task's own format (the answer digit alone for the
     label task of answer_only / multitask), else None (format adherence not measured)."""
-    from distill.data.tasks import chain
-
     if cfg.eval.format_regex is not None or cfg.data.source != "builtin:chain":
         return cfg.eval.format_regex
     if cfg.eval.format_json_schema is not None:
@@ -60,8 +60,8 @@ def evaluate_run(cfg: RunConfig, model, tokenizer, run_dir: Path | None) -> dict
     if gates:
         result["gates"] = check_gates(gates, result)
     if run_dir is not None:
-        atomic_write_json(run_dir / "eval.json", result)
-        record_phase(run_dir / "budget.json", "evaluation", add=usage)
+        atomic_write_json(run_dir / rundir.EVAL, result)
+        record_phase(run_dir / rundir.BUDGET, "evaluation", add=usage)
     return result
 
 
@@ -80,12 +80,12 @@ def run_eval(path: str, config: str | None = None, gates: bool = False) -> dict:
     p = Path(path)
     if not p.exists():
         raise DistillError(f"not found: {p}")
-    cfg_path = Path(config) if config else p / "config.yaml"
+    cfg_path = Path(config) if config else p / rundir.CONFIG
     if not cfg_path.exists():
         raise DistillError(f"{p} is not a run directory; pass --config RUN.yaml to say which data to evaluate on")
     cfg = load_config(cfg_path)
     if gates and not cfg.gates.expressions():
         raise ConfigError(f"{cfg_path}: --gates, but the config sets no 'gates' (e.g. gates.accuracy: '>= 0.9 * teacher')")
     model, tokenizer = load_student(p)
-    run_dir = p if (p / "config.yaml").exists() else None
+    run_dir = p if (p / rundir.CONFIG).exists() else None
     return evaluate_run(cfg, model, tokenizer, run_dir)

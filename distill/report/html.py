@@ -13,6 +13,7 @@ import json
 from html import escape
 from pathlib import Path
 
+from distill import rundir
 from distill.errors import DistillError
 from distill.paths import atomic_write_text
 from distill.report.html_template import CSS, PAGE_JS
@@ -87,7 +88,7 @@ def runs_section(runs: list[dict]) -> str:
     head += [k.removeprefix("objective.") for k in OBJECTIVE_KEYS] + ["files missing"]
     rows = []
     for r in runs:
-        planned = r["steps_from"] not in (None, "train_summary.json")
+        planned = r["steps_from"] not in (None, rundir.TRAIN_SUMMARY)
         steps = td(f"{fmt(r['steps'])} ({r['steps_from']})") if planned else td(r["steps"])
         cells = [td(r["name"], "name"), td(r["dir"], "path"), td(r["student"]), td(r["teacher"]), td(r["params"])]
         cells.append(steps)
@@ -116,7 +117,7 @@ def eval_section(runs: list[dict]) -> str:
             if t:
                 cells.append(td(dig(e, tkey)) if tkey else '<td class="blank"></td>')
         body.append(f"<tr>{''.join(cells)}</tr>")
-    note = lacking(runs, lambda r: r["eval"] is not None, "no eval.json")
+    note = lacking(runs, lambda r: r["eval"] is not None, f"no {rundir.EVAL}")
     return (f'<table class="eval"><thead><tr>{top}</tr><tr>{sub}</tr></thead>'
             f"<tbody>{''.join(body)}</tbody></table>{note}")
 
@@ -127,7 +128,7 @@ def gates_section(runs: list[dict]) -> str:
         gates = (r["eval"] or {}).get("gates")
         results = gates.get("results") if isinstance(gates, dict) else None
         if not isinstance(results, list) or not results:
-            why = "no eval.json" if r["eval"] is None else "no gates configured"
+            why = f"no {rundir.EVAL}" if r["eval"] is None else "no gates configured"
             rows.append(f'<tr>{td(r["name"], "name")}<td colspan="5" class="na">{why}</td></tr>')
             continue
         any_results = True
@@ -143,7 +144,7 @@ def gates_section(runs: list[dict]) -> str:
             rows.append(f'<tr class="total">{td(r["name"], "name")}<td colspan="5" class="{cls}">{word}</td></tr>')
     if not any_results:
         none = '<p class="empty">no gates configured</p>' if any(r["eval"] is not None for r in runs) else ""
-        return none + lacking(runs, lambda r: r["eval"] is not None, "no eval.json")
+        return none + lacking(runs, lambda r: r["eval"] is not None, f"no {rundir.EVAL}")
     return table(["run", "metric", "expression", "value", "threshold", "result"], rows)
 
 
@@ -164,7 +165,7 @@ def samples_section(runs: list[dict]) -> str:
     for r in runs:
         parts.append(f'<h3 class="name">{escape(r["name"])}</h3>')
         if not r["samples"]:
-            why = "no eval.json" if r["eval"] is None else "no samples in eval.json"
+            why = f"no {rundir.EVAL}" if r["eval"] is None else f"no samples in {rundir.EVAL}"
             parts.append(f'<p class="missing">{why}</p>')
             continue
         keys = ("prompt", "generated", "answer")
@@ -181,17 +182,17 @@ def has_bins(r: dict) -> bool:
 def why_no(r: dict, plot: str) -> str | None:
     """Why a run has nothing in a plot (None: it has something)."""
     if plot == "loss-curves":
-        ok, file = bool(r["metrics"] and r["metrics"]["terms"]), "metrics.jsonl"
-        other = "no loss terms in metrics.jsonl"
+        ok, file = bool(r["metrics"] and r["metrics"]["terms"]), rundir.METRICS
+        other = f"no loss terms in {rundir.METRICS}"
     elif plot == "reliability":
-        ok, file, other = has_bins(r), "eval.json", "no calibration.bins in eval.json"
+        ok, file, other = has_bins(r), rundir.EVAL, f"no calibration.bins in {rundir.EVAL}"
     elif plot == "budget":
-        ok, file, other = bool(r["budget"]), "budget.json", "no phases in budget.json"
+        ok, file, other = bool(r["budget"]), rundir.BUDGET, f"no phases in {rundir.BUDGET}"
     else:
-        ok, file, other = bool(r["alignment"]), "alignment.jsonl", "no records in alignment.jsonl"
+        ok, file, other = bool(r["alignment"]), rundir.ALIGNMENT, f"no records in {rundir.ALIGNMENT}"
     if ok:
         return None
-    return f"no {file}" if file in r["missing"] or (file == "eval.json" and r["eval"] is None) else other
+    return f"no {file}" if file in r["missing"] or (file == rundir.EVAL and r["eval"] is None) else other
 
 
 def plot_section(runs: list[dict], plot: str) -> tuple[str, str]:
@@ -202,8 +203,9 @@ def plot_section(runs: list[dict], plot: str) -> tuple[str, str]:
         why = why_no(r, plot)
         if why is not None:
             reasons.setdefault(why, []).append(r["name"])
-    if plot == "alignment" and "no alignment.jsonl" in reasons:
-        reasons["no alignment.jsonl (written when training has a live teacher)"] = reasons.pop("no alignment.jsonl")
+    no_alignment = f"no {rundir.ALIGNMENT}"
+    if plot == "alignment" and no_alignment in reasons:
+        reasons[f"{no_alignment} (written when training has a live teacher)"] = reasons.pop(no_alignment)
     note = "".join(f'<p class="missing">{escape(w)}: {escape(", ".join(n))}</p>' for w, n in reasons.items())
     if sum(len(n) for n in reasons.values()) == len(runs):
         return '<p class="empty">nothing to plot</p>', note

@@ -17,7 +17,7 @@ The page treats them like real runs: the same PCA basis, ridge map and linear CK
 
 import numpy as np
 
-from distill.report.latents import RunStates
+from distill.report.run_states import RunStates
 
 CLASSES, PER_CLASS, D_TEACHER, D_STUDENT = 5, 120, 16, 12
 STEPS = list(range(0, 1001, 100))

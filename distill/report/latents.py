@@ -25,14 +25,19 @@ page (plotly.js inline, the data as JSON in the page, no network):
 
 import json
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
+from tokenizers import Tokenizer
 
+from distill import rundir
 from distill.errors import DistillError
 from distill.paths import atomic_write_text
+from distill.report.latent_page import render
+from distill.report.latent_sim import simulated
+from distill.report.run_states import RunStates
 from distill.training.alignment import linear_cka
 
 MAX_POINTS = 1500  # plotted tokens at most (fixed-seed subsample)
@@ -40,16 +45,6 @@ MAX_LINKS = 150  # student -> teacher lines drawn for this many plotted tokens, 
 RIDGE = 1e-3  # ridge lambda, relative to the mean squared singular value of the student states
 SEED = 0
 DIGITS = [str(d) for d in range(10)]
-
-
-@dataclass
-class RunStates:
-    """One run's states of the chosen pair at each snapshot step."""
-
-    name: str
-    feature: bool  # trained projectors: `states` are projected (N, D_t); else raw student (N, D_s)
-    steps: list[int]
-    states: list[np.ndarray]
 
 
 # ---------------------------------------------------------------- math
@@ -144,24 +139,20 @@ def class_order(names: list[str]) -> list[str]:
 
 def _vocab(run: Path) -> dict[int, str] | None:
     """id -> token text from the run's exported tokenizer (RUN/student/tokenizer.json)."""
-    path = run / "student" / "tokenizer.json"
+    path = run / rundir.STUDENT / "tokenizer.json"
     if not path.is_file():
         return None
-    from tokenizers import Tokenizer
-
     tok = Tokenizer.from_file(str(path))
     return {i: t for t, i in tok.get_vocab(with_added_tokens=True).items()}
 
 
 def _load_safetensors(path: Path) -> dict[str, np.ndarray]:
-    from safetensors.torch import load_file
-
     return {k: v.float().numpy() for k, v in load_file(str(path)).items()}
 
 
 def read_run(run: Path, pair: dict) -> tuple[RunStates, dict, np.ndarray]:
     """(the run's states of `pair`, its probe.json, its teacher states of the pair)."""
-    latents = run / "latents"
+    latents = run / rundir.LATENTS
     steps = sorted(latents.glob("step-*.safetensors")) if latents.is_dir() else []
     if not (latents / "probe.json").is_file() or not (latents / "teacher.safetensors").is_file() or not steps:
         raise DistillError(
@@ -191,7 +182,7 @@ def read_runs(run_dirs: list[Path], pair: int | None) -> tuple[list[RunStates], 
     """Every run's states, the shared teacher states, the token classes and the pair record."""
     if not run_dirs:
         raise DistillError("distill latents: give at least one run directory (or --simulate)")
-    first = Path(run_dirs[0]) / "latents" / "probe.json"
+    first = Path(run_dirs[0]) / rundir.LATENTS / "probe.json"
     if not first.is_file():
         read_run(Path(run_dirs[0]), {})  # raises the missing-latents error
     pairs = json.loads(first.read_text())["pairs"]
@@ -276,11 +267,7 @@ def page_data(runs: list[RunStates], teacher: np.ndarray, classes: list[str], me
 def write_latent_page(run_dirs: list[Path], out: Path, simulate: bool = False, pair: int | None = None) -> Path:
     """Write the latent page comparing the runs' students with their frozen teacher (or, with
     `simulate`, the toy simulation; run_dirs and pair are then ignored). Returns `out`."""
-    from distill.report.latent_page import render
-
     if simulate:
-        from distill.report.latent_sim import simulated
-
         runs, teacher, classes, meta = simulated()
     else:
         runs, teacher, classes, chosen = read_runs(list(run_dirs), pair)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import yaml
 
+from distill import rundir
 from distill.errors import DistillError
 
 # metrics.jsonl keys that are not loss terms (timings, counts, schedule, flags).
@@ -22,7 +23,7 @@ MAX_POINTS = 4000  # per series in the page; longer runs are thinned evenly (the
 MAX_SAMPLES = 5
 MAX_TEXT = 2000  # characters of a prompt or generation shown
 PHASES = ["teacher_generation", "teacher_caching", "teacher_scoring", "student_training", "evaluation"]
-RUN_FILES = ["metrics.jsonl", "train_summary.json", "eval.json", "budget.json", "alignment.jsonl"]
+RUN_FILES = [rundir.METRICS, rundir.TRAIN_SUMMARY, rundir.EVAL, rundir.BUDGET, rundir.ALIGNMENT]
 
 
 def finite(x):
@@ -83,12 +84,12 @@ def read_jsonl_file(path: Path, notes: list[str]) -> list[dict] | None:
 
 
 def read_config(run_dir: Path) -> dict:
-    path = run_dir / "config.yaml"
+    path = run_dir / rundir.CONFIG
     if not run_dir.is_dir():
         why = "a file, not a directory" if run_dir.exists() else "no such directory"
         raise DistillError(f"not a run directory: {run_dir} ({why})")
     if not path.is_file():
-        raise DistillError(f"not a run directory: {run_dir} (no config.yaml)")
+        raise DistillError(f"not a run directory: {run_dir} (no {rundir.CONFIG})")
     try:
         tree = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as e:
@@ -138,7 +139,7 @@ def metrics_series(records: list[dict], notes: list[str]) -> dict:
         kept = records[::stride]
         if kept[-1] is not records[-1]:
             kept.append(records[-1])
-        notes.append(f"metrics.jsonl: {len(records)} steps thinned to {len(kept)} points for the plot")
+        notes.append(f"{rundir.METRICS}: {len(records)} steps thinned to {len(kept)} points for the plot")
         records = kept
     names = []
     for r in records:
@@ -184,20 +185,20 @@ def load_run(run_dir: Path, name: str) -> dict:
     config = read_config(run_dir)
     notes: list[str] = []
     missing = [f for f in RUN_FILES if not (run_dir / f).is_file()]
-    summary = read_json_file(run_dir / "train_summary.json", notes)
+    summary = read_json_file(run_dir / rundir.TRAIN_SUMMARY, notes)
     summary = summary if isinstance(summary, dict) else None
-    metrics = read_jsonl_file(run_dir / "metrics.jsonl", notes)
-    ev = read_json_file(run_dir / "eval.json", notes)
+    metrics = read_jsonl_file(run_dir / rundir.METRICS, notes)
+    ev = read_json_file(run_dir / rundir.EVAL, notes)
     ev = ev if isinstance(ev, dict) else None
-    budget = read_json_file(run_dir / "budget.json", notes)
-    alignment = read_jsonl_file(run_dir / "alignment.jsonl", notes)
+    budget = read_json_file(run_dir / rundir.BUDGET, notes)
+    alignment = read_jsonl_file(run_dir / rundir.ALIGNMENT, notes)
 
     steps, steps_from = None, None
     if summary and is_number(summary.get("steps")):
-        steps, steps_from = summary["steps"], "train_summary.json"
+        steps, steps_from = summary["steps"], rundir.TRAIN_SUMMARY
     elif metrics:
         done = [r["step"] for r in metrics if is_number(r.get("step"))]
-        steps, steps_from = (max(done), "metrics.jsonl") if done else (None, None)
+        steps, steps_from = (max(done), rundir.METRICS) if done else (None, None)
     if steps is None and is_number(dig(config, "train.steps")):
         steps, steps_from = dig(config, "train.steps"), "config (planned)"
     samples = (ev or {}).get("samples")

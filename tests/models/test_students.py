@@ -14,7 +14,7 @@ from distill.errors import DistillError
 from distill.models.loading import load_causal_lm
 from distill.models.students import every_kth_layer, layer_drop_student, make_student, spread_layers
 
-from conftest import TINY_TEACHER
+from helpers import TINY_TEACHER
 
 DEEP = {**TINY_TEACHER, "num_hidden_layers": 6}
 

@@ -6,15 +6,14 @@ import pytest
 from transformers import AutoModelForCausalLM
 
 import distill.pipeline.demo as demo
-from distill.config import read_yaml
+from distill.config import build_config, read_yaml
+from distill.errors import DistillError
 from distill.pipeline.demo import packaged_config
 
-from conftest import TINY_STUDENT, TINY_TEACHER
+from helpers import TINY_STUDENT, TINY_TEACHER
 
 
 def test_packaged_demo_configs_are_valid_and_students_are_10x_smaller():
-    from distill.config import build_config
-
     teacher = build_config(packaged_config("demo_teacher"))
     student = build_config(packaged_config("demo_student"))
     assert student.data == teacher.data and student.train.steps > 0
@@ -72,8 +71,6 @@ def test_demo_refuses_to_clear_a_folder_that_is_not_a_run(tiny_demo):
     out = tiny_demo / "demo"
     (out / "student-kd").mkdir(parents=True)
     (out / "student-kd" / "notes.txt").write_text("mine")
-    from distill.errors import DistillError
-
     with pytest.raises(DistillError, match="is not a run directory"):
         demo.run_demo(out)
     assert (out / "student-kd" / "notes.txt").read_text() == "mine"

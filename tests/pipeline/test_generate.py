@@ -1,16 +1,20 @@
 """`distill generate`: local and server teachers, retries, resumability after kill -9."""
 
+import asyncio
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
+from distill.data.rows import builtin_rows
 from distill.errors import ConfigError, DistillError
+from distill.eval.evaluate import generate_greedy
 from distill.pipeline.chat_client import ServerSettings
 from distill.pipeline.generate import GenerateSettings, RowFile, prompt_hash, run_generate
 
@@ -194,8 +198,6 @@ def test_local_rows_do_not_depend_on_batch_size(teacher_dir, tmp_path):
 
 
 def test_local_greedy_equals_transformers_generate(tiny, teacher_dir, tmp_path):
-    from distill.eval.evaluate import generate_greedy
-
     prompts = write_prompts(tmp_path / "p.jsonl", 4)
     greedy = GenerateSettings(temperature=0.0, max_new_tokens=10)
     run_generate(str(prompts), tmp_path / "out", greedy, teacher=str(teacher_dir), batch_size=3, progress=False)
@@ -245,8 +247,6 @@ def test_bad_inputs_name_the_place(tmp_path):
 
 
 def test_builtin_prompts_carry_gold_answers(teacher_dir, tmp_path):
-    from distill.data.rows import builtin_rows
-
     greedy = GenerateSettings(temperature=0.0, max_new_tokens=4)
     summary = run_generate("builtin:chain", tmp_path / "out", greedy, teacher=str(teacher_dir), n=3, progress=False)
     rows = sorted(read_rows(tmp_path / "out" / "generations.jsonl"), key=lambda r: r["index"])
@@ -259,9 +259,6 @@ def test_builtin_prompts_carry_gold_answers(teacher_dir, tmp_path):
 def test_server_generation_from_inside_a_running_event_loop(tiny, tmp_path):
     """As in a notebook: run_generate called while this thread's event loop runs (on a
     thread of its own, since a Playwright session may hold the main thread's loop)."""
-    import asyncio
-    from concurrent.futures import ThreadPoolExecutor
-
     prompts = write_prompts(tmp_path / "p.jsonl", 2)
 
     async def inside():

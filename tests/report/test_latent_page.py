@@ -4,9 +4,12 @@ import copy
 import json
 import re
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
+import safetensors.numpy
 from safetensors.torch import load_file, save_file
 
 from distill.config import build_config
@@ -85,17 +88,13 @@ def test_a_run_without_latents_is_an_error(tmp_path):
 
 
 def test_non_finite_states_are_a_one_line_error(two_runs, tmp_path):
-    import shutil
-
-    from safetensors.numpy import load_file, save_file
-
     run = tmp_path / "diverged"
     shutil.copytree(two_runs[0], run)
     snap = sorted((run / "latents").glob("step-*.safetensors"))[-1]
-    tensors = load_file(str(snap))
+    tensors = safetensors.numpy.load_file(str(snap))
     for k in tensors:
         tensors[k][0, 0] = float("nan")
-    save_file(tensors, str(snap))
+    safetensors.numpy.save_file(tensors, str(snap))
     step = int(snap.stem.split("-")[1])
     with pytest.raises(DistillError, match=rf"diverged: the student's latent states at step {step} hold NaN or inf"):
         write_latent_page([run], tmp_path / "x.html")
@@ -204,3 +203,9 @@ def test_simulated_page(tmp_path, open_page):
     assert p.page.text_content("#checkpoint-label").startswith("step 1000")
     assert p.screenshot("latents-simulated.png").stat().st_size > 0
     assert p.errors == []
+
+
+def test_the_simulation_does_not_import_the_page_module():
+    """latent_sim and latents share RunStates through run_states.py: no import cycle."""
+    code = "import sys, distill.report.latent_sim; assert 'distill.report.latents' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)

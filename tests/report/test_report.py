@@ -11,6 +11,7 @@ import pytest
 
 from distill.config import build_config, dump_config
 from distill.errors import DistillError
+from distill.pipeline.runner import run_training
 from distill.report import write_report
 from distill.report.report_data import MAX_POINTS, metrics_series, run_names
 
@@ -216,8 +217,6 @@ def test_runs_side_by_side(tiny_tree, tmp_path, open_page):
 
 
 def test_report_of_a_real_training_run(tiny_tree, tmp_path, open_page):
-    from distill.pipeline.runner import run_training
-
     tiny_tree["train"]["steps"] = 2
     run_training(build_config(tiny_tree), show_progress=False)
     run = Path(tiny_tree["out_dir"])

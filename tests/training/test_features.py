@@ -2,23 +2,29 @@
 
 import copy
 import json
+import types
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from accelerate.utils import DistributedType
 from safetensors.torch import load_file
 from torch import nn
 
+import distill.training.setup as setup_mod
 from distill.config import FeatureConfig, ObjectiveConfig, build_config
-from distill.errors import ConfigError
+from distill.data.tasks.tokenizer import chain_tokenizer
+from distill.errors import ConfigError, DistillError
 from distill.loss.divergences import divergence
 from distill.loss.terms import combine
 from distill.loss.token_losses import cross_entropy, feature_loss
+from distill.models.loading import load_causal_lm
+from distill.models.students import layer_drop_student, save_student
 from distill.training.features import FeatureProjectors, Pair, feature_term_sum, layer_pairs, load_projectors
 from distill.training.loop import train
 
-from conftest import read_metrics
+from helpers import read_metrics
 
 
 class ModernKDLoss(nn.Module):
@@ -220,15 +226,8 @@ def test_first_token_is_left_out_of_the_feature_term_unless_asked(tiny_tree, tmp
 
 
 def test_feature_term_under_fsdp_stops_with_a_clear_error(tiny_tree, monkeypatch):
-    import types
-
-    from accelerate.utils import DistributedType
-
-    import distill.training.loop as train_mod
-    from distill.errors import DistillError
-
     # make this one-process run look like FSDP to the guard
-    monkeypatch.setattr(train_mod, "DistributedType", types.SimpleNamespace(FSDP=DistributedType.NO))
+    monkeypatch.setattr(setup_mod, "DistributedType", types.SimpleNamespace(FSDP=DistributedType.NO))
     tiny_tree["features"] = {"weight": 1.0}
     with pytest.raises(DistillError, match="FSDP does not shard the projectors yet"):
         train(build_config(tiny_tree), show_progress=False)
@@ -236,10 +235,6 @@ def test_feature_term_under_fsdp_stops_with_a_clear_error(tiny_tree, monkeypatch
 
 
 def test_kept_map_pairs_a_layer_drop_student_with_its_source_layers(tiny_tree, tmp_path):
-    from distill.data.tasks.tokenizer import chain_tokenizer
-    from distill.models.loading import load_causal_lm
-    from distill.models.students import layer_drop_student, save_student
-
     tok = chain_tokenizer()
     torch.manual_seed(0)
     deep = {**tiny_tree["teacher"]["config"], "num_hidden_layers": 5, "vocab_size": len(tok), "pad_token_id": tok.pad_token_id}

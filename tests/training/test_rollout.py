@@ -1,11 +1,25 @@
 """Rollouts: the KV-cache path equals the no-cache path, left padding is invisible, sampling
 is reproducible under a seed and follows the filtered distribution."""
 
+import inspect
+import warnings
+
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig
+from transformers import AutoModelForCausalLM, DynamicCache, Gemma3TextConfig, LlamaConfig
 
-from distill.training.rollout import Sampling, decode_step, left_pad, next_tokens, prefill, rollout
+from distill.data.tasks.tokenizer import chain_tokenizer
+from distill.eval.evaluate import generate_greedy, generate_sampled
+from distill.training.rollout import (
+    Sampling,
+    cache_keyword,
+    decode_step,
+    full_forward_logits,
+    left_pad,
+    next_tokens,
+    prefill,
+    rollout,
+)
 
 EOS, PAD = 1, 0
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [3, 4], [12, 13, 14, 15]]
@@ -27,6 +41,52 @@ def test_kv_cache_equals_no_cache_greedy(model):
     plain = rollout(model, PROMPTS, greedy, EOS, PAD, use_cache=False)
     assert cached.completions == plain.completions
     assert any(len(c) > 3 for c in cached.completions)
+
+
+@pytest.fixture(scope="module")
+def gemma3():
+    torch.manual_seed(0)
+    cfg = Gemma3TextConfig(
+        vocab_size=40, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+        intermediate_size=64, max_position_embeddings=128, sliding_window=4, pad_token_id=PAD, eos_token_id=EOS,
+        bos_token_id=2,
+    )
+    return AutoModelForCausalLM.from_config(cfg).double().eval()
+
+
+@pytest.mark.parametrize("family", ["model", "gemma3"])
+def test_the_cache_is_used_not_dropped(family, request):
+    """The model reads and fills the cache it is given (under whichever keyword this
+    transformers' forward names): prefill stores every prompt position, each decode step adds
+    one, and a step that feeds the new token alone gives the logits of a full forward over
+    the whole sequence. A cache passed under a name the forward does not know vanishes into
+    its **kwargs: the cache stays empty and the step sees one token with no past."""
+    m = request.getfixturevalue(family)
+    ids, mask = left_pad(PROMPTS, PAD)
+    cache = DynamicCache(config=m.config)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # nor a deprecated keyword
+        logits = prefill(m, ids, mask, cache)
+        assert cache.get_seq_length() == ids.shape[1]
+        torch.testing.assert_close(logits, full_forward_logits(m, ids, mask))
+        for _ in range(6):  # past gemma3's sliding window of 4
+            token = logits.argmax(-1)
+            ids, mask = torch.cat([ids, token[:, None]], 1), torch.cat([mask, torch.ones_like(token)[:, None]], 1)
+            logits = decode_step(m, token, mask, cache)
+            assert cache.get_seq_length() == ids.shape[1]
+            torch.testing.assert_close(logits, full_forward_logits(m, ids, mask))
+
+
+def test_cache_keyword_is_the_one_the_forward_names(model, gemma3):
+    for m in (model, gemma3):
+        assert cache_keyword(m) in inspect.signature(type(m).forward).parameters
+
+    class NoCache(torch.nn.Module):
+        def forward(self, input_ids, attention_mask=None, **kwargs):
+            return input_ids
+
+    with pytest.raises(TypeError, match="takes no KV cache"):
+        cache_keyword(NoCache())
 
 
 def test_greedy_matches_transformers_generate(model):
@@ -125,9 +185,6 @@ def test_decode_step_compiles(model):
 
 
 def test_sampled_generations_do_not_depend_on_the_batch_size():
-    from distill.data.tasks.tokenizer import chain_tokenizer
-    from distill.eval.evaluate import generate_greedy, generate_sampled
-
     tok = chain_tokenizer()
     torch.manual_seed(0)
     cfg = LlamaConfig(
