@@ -5,7 +5,6 @@ import sys
 from pathlib import Path
 from typing import Annotated
 
-import click
 import typer
 
 from distill import rundir
@@ -239,8 +238,10 @@ def main() -> None:
     except (typer.Abort, KeyboardInterrupt):
         print("interrupted", file=sys.stderr)
         sys.exit(130)
-    except Exception as e:  # click usage errors arrive here in standalone_mode=False
-        if isinstance(e, click.ClickException):
+    except Exception as e:  # usage errors (unknown option, missing argument) arrive here
+        # They are click's ClickException, or the same class from the click that newer typer
+        # vendors (typer._click): recognised by what they offer, not by their module.
+        if callable(getattr(e, "show", None)) and isinstance(getattr(e, "exit_code", None), int):
             e.show()
             sys.exit(e.exit_code)
         raise

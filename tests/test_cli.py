@@ -131,3 +131,9 @@ def test_report_and_latents_commands(tmp_path):
     one_line_error(run_cli("report", str(tmp_path / "notarun"), "--out", str(tmp_path / "r.html")), 1, "not a run directory")
     one_line_error(run_cli("latents", str(tmp_path / "notarun")), 1, "notarun")
     assert not (tmp_path / "r.html").exists() and not (tmp_path / "x.html").exists()
+
+
+def test_an_unknown_option_is_a_usage_error_not_a_traceback():
+    proc = run_cli("train", "--bogus")
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr and "No such option: --bogus" in proc.stderr

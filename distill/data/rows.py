@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from distill import seeds
-from distill.data.tasks import chain
+from distill.data.tasks import chain, grammar
 from distill.errors import DistillError
 from distill.loss.token_losses import IGNORE_INDEX
 from distill.paths import jsonl_objects
@@ -53,11 +53,16 @@ def read_jsonl(path: str | Path) -> list[Row]:
     return rows
 
 
+BUILTIN_SOURCES = ("builtin:chain", "builtin:grammar")
+
+
 def load_rows(source: str, split: str, n: int, seed: int, min_ops: int, max_ops: int) -> list[Row]:
     if source == "builtin:chain":
         return builtin_rows(split, n, seed, min_ops, max_ops)
+    if source == "builtin:grammar":
+        return [Row(s.prompt, s.completion) for s in grammar.generate_split(split, n, seed)]
     if source.startswith("builtin:"):
-        raise DistillError(f"unknown built-in dataset '{source}' (available: builtin:chain)")
+        raise DistillError(f"unknown built-in dataset '{source}' (available: {', '.join(BUILTIN_SOURCES)})")
     return read_jsonl(source)
 
 

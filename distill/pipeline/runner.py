@@ -14,6 +14,7 @@ from distill.data.tasks import chain
 from distill.errors import ConfigError, DistillError
 from distill.eval.evaluate import evaluate_rows, load_student
 from distill.eval.gates import check_gates
+from distill.eval.truth import truth_scores
 from distill.models.build import build_teacher
 from distill.paths import atomic_write_json
 from distill.training.loop import train
@@ -57,6 +58,8 @@ def evaluate_run(cfg: RunConfig, model, tokenizer, run_dir: Path | None) -> dict
     result, usage = evaluate_rows(
         model, tokenizer, rows, cfg.eval, cfg.data.max_length, fmt, direct, default_format_regex(cfg), teacher, t_tok, vocab
     )
+    if cfg.data.source == "builtin:grammar":  # the true distribution is known: score against it
+        result["truth"] = truth_scores(model, tokenizer, rows, cfg.data.seed, cfg.eval.batch_size, cfg.data.max_length, teacher)
     if gates:
         result["gates"] = check_gates(gates, result)
     if run_dir is not None:

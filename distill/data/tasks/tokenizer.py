@@ -28,4 +28,5 @@ def chain_tokenizer() -> PreTrainedTokenizerFast:
         eos_token="<eos>",
         unk_token="<unk>",
         padding_side="right",
+        model_input_names=["input_ids", "attention_mask"],  # transformers 4.x adds token_type_ids, which generate() refuses
     )
