@@ -219,11 +219,12 @@ def student(
 def demo(
     out: Annotated[str, typer.Option(help="Where the demo's runs go.")] = "distill-demo",
     seed: Annotated[int, typer.Option(help="Seed of the students' training.")] = 0,
+    task: Annotated[str, typer.Option(help="grammar (KL to the true distribution) or chain (reasoning accuracy).")] = "grammar",
 ):
-    """Offline end-to-end demo: teacher, logit-KD student, label-only student, a table and report.html."""
+    """Offline end-to-end demo: teacher, logit-KD student, label-only student, a table, the gain and report.html."""
     from distill.pipeline.demo import run_demo
 
-    run_demo(Path(out), seed=seed)
+    run_demo(Path(out), seed=seed, task_name=task)
 
 
 def main() -> None:

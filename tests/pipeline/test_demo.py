@@ -13,10 +13,12 @@ from distill.pipeline.demo import packaged_config
 from helpers import TINY_STUDENT, TINY_TEACHER
 
 
-def test_packaged_demo_configs_are_valid_and_students_are_10x_smaller():
-    teacher = build_config(packaged_config("demo_teacher"))
-    student = build_config(packaged_config("demo_student"))
-    assert student.data == teacher.data and student.train.steps > 0
+@pytest.mark.parametrize("task", ["grammar", "chain"])
+def test_packaged_demo_configs_are_valid_and_students_are_10x_smaller(task):
+    teacher = build_config(packaged_config(demo.TASKS[task].teacher_config))
+    student = build_config(packaged_config(demo.TASKS[task].student_config))
+    assert student.data.source == teacher.data.source and student.data.seed == teacher.data.seed
+    assert student.data.n_train <= teacher.data.n_train and student.train.steps > 0  # a transfer set the teacher saw
 
     def params(c):  # llama, tied embeddings, no biases
         d, L, ff, v = c["hidden_size"], c["num_hidden_layers"], c["intermediate_size"], 78
@@ -32,7 +34,7 @@ def tiny_demo(monkeypatch, tmp_path):
 
     def tiny(name):
         tree = real(name)
-        tree["student"]["config"] = dict(TINY_TEACHER if name == "demo_teacher" else TINY_STUDENT)
+        tree["student"]["config"] = dict(TINY_TEACHER if name.endswith("teacher") else TINY_STUDENT)
         tree["data"].update(n_train=64, n_test=8)
         tree["train"].update(steps=3, micro_batch_size=8, warmup_steps=1)
         tree["eval"].update(max_new_tokens=6)
@@ -43,17 +45,23 @@ def tiny_demo(monkeypatch, tmp_path):
     return tmp_path
 
 
-def test_demo_runs_caches_teacher_and_prints_table(tiny_demo, capsys):
+@pytest.mark.parametrize("task", ["grammar", "chain"])
+def test_demo_runs_caches_teacher_and_prints_table(tiny_demo, capsys, task):
     out = tiny_demo / "demo"
-    summary = demo.run_demo(out, seed=1)
+    summary = demo.run_demo(out, seed=1, task_name=task)
     printed = capsys.readouterr().out
     for name in ("teacher", "student, logit KD", "student, labels only"):
         assert name in printed and name in summary["runs"]
+    assert summary["gain"].startswith("gain: logit KD") and "gain: logit KD" in printed
+    kd_value, labels_value = (summary["runs"][n]["headline"] for n in ("student, logit KD", "student, labels only"))
+    shown = (lambda v: f"{v:.4f}") if task == "grammar" else (lambda v: f"{v:.1%}")
+    assert f"{shown(kd_value)} vs {shown(labels_value)}" in summary["gain"]
     assert json.loads((out / "demo.json").read_text()) == summary
     page = (out / "report.html").read_text()
     assert summary["report"] == str(out / "report.html") and "student-labels" in page and "Plotly" in page
     kd_dir, lab_dir = out / "student-kd", out / "student-labels"
-    assert read_yaml(kd_dir / "config.yaml")["objective"]["alpha"] == 0.5
+    packaged_alpha = packaged_config(demo.TASKS[task].student_config)["objective"]["alpha"]
+    assert read_yaml(kd_dir / "config.yaml")["objective"]["alpha"] == packaged_alpha > 0
     assert read_yaml(lab_dir / "config.yaml")["teacher"] is None
     AutoModelForCausalLM.from_pretrained(kd_dir / "student")
     teachers = list((tiny_demo / "cache" / "teachers").iterdir())
@@ -61,10 +69,10 @@ def test_demo_runs_caches_teacher_and_prints_table(tiny_demo, capsys):
     stamp = (teachers[0] / "student" / "model.safetensors").stat().st_mtime_ns
 
     # A second demo reuses the cached teacher and replaces its own student runs.
-    again = demo.run_demo(out, seed=1)
+    again = demo.run_demo(out, seed=1, task_name=task)
     assert (teachers[0] / "student" / "model.safetensors").stat().st_mtime_ns == stamp
     assert again["runs"]["teacher"] == summary["runs"]["teacher"]
-    assert again["runs"]["student, logit KD"]["accuracy"] == summary["runs"]["student, logit KD"]["accuracy"]
+    assert again["runs"]["student, logit KD"]["headline"] == summary["runs"]["student, logit KD"]["headline"]
 
 
 def test_demo_refuses_to_clear_a_folder_that_is_not_a_run(tiny_demo):

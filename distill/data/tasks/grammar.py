@@ -1,13 +1,13 @@
 """A stochastic task with a known truth: sequences from a seeded finite-memory grammar.
 
 A grammar is drawn from a seed. Its sequences are strings of a few letters ("a"-"j" by
-default). The next letter depends only on the last `order` letters (1000 contexts by
-default), each context mapped at random to one of `n_states` emission states, each with a
+default). The next letter depends only on the last `order` letters (100 contexts by
+default: order 2), each context mapped at random to one of `n_states` (16) emission states, each with a
 next-letter distribution drawn from a Dirichlet (some peaked, some nearly flat). A
 sequence ends (the model's EOS) with a per-state stop probability, never before `min_len`
 letters and always at `max_len`:
 
-    prompt:     "G:hjh"                 (the mark, then the first `order` letters, uniform)
+    prompt:     "G:hj"                  (the mark, then the first `order` letters, uniform)
     completion: "gbchdhfdjbchdhgfhh..." (the rest of the sequence, then EOS)
 
 Why it exists: in the chain task the next token is (almost) always determined, so a
@@ -22,8 +22,9 @@ sampled labels. The irreducible loss is `entropy_per_token`.
 Finite memory rather than a random automaton: random automata only reveal their state
 after twenty or more letters, so a model would have to simulate one over the whole
 prefix. Here the state is read off the last `order` letters, so the difficulty is data,
-not depth: a count model over the contexts is off the truth by about 0.27 nats per token
-(KL) from 300 sequences, 0.11 from 1000, 0.04 from 3000 and 0.005 from 30000.
+not depth. The defaults (order 2, 16 states) are sized for the demo: a 0.8M-parameter
+teacher trained on 20,000 sequences gets within 0.006 nats per token (KL) of the truth,
+while a 0.1M student that sees 500 sequences' labels stays near 0.08 (docs/results.md).
 """
 
 import hashlib
@@ -86,9 +87,9 @@ class Sample:
 
 def make_grammar(
     seed: int,
-    n_states: int = 32,
+    n_states: int = 16,
     n_symbols: int = 10,
-    order: int = 3,
+    order: int = 2,
     concentration: tuple[float, float] = (0.05, 1.0),
     mean_stop: float = 0.06,
     min_len: int = 16,
