@@ -1,9 +1,12 @@
-"""Every random stream of a run, named in one place, each a pure function of the run's seed.
+"""Every random stream of a run and of teacher generation, named in one place, each a pure
+function of the seed.
 
 Streams never share a seed, so adding randomness to one part (say, the projectors) does not
 shift another (the data order or a rollout); and a resumed run redraws exactly what the
 uninterrupted one drew.
 """
+
+import hashlib
 
 _MIX = 1_000_003  # a prime that spreads (seed, counter) pairs apart
 
@@ -41,3 +44,9 @@ def rollout_row(seed: int, step: int, index: int) -> int:
 def eval_sample(seed: int, index: int) -> int:
     """The sampling noise of one held-out prompt in sampled evaluation."""
     return seed * _MIX + index
+
+
+def generation_row(seed: int, prompt_hash: str, sample: int) -> int:
+    """The sampling seed of one (prompt, sample) row of `distill generate`: a pure function of
+    the prompt, so a resumed or re-batched generation draws the same rows."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{prompt_hash}:{sample}".encode()).digest()[:7], "big")

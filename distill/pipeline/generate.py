@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from distill import rundir
+from distill import rundir, seeds
 from distill.budget import forward_flops, record_phase
 from distill.data.rows import builtin_rows
 from distill.errors import ConfigError, DistillError
@@ -83,10 +83,6 @@ def read_prompts(source: str, n: int | None) -> list[Prompt]:
 
 def prompt_hash(prompt: str, system: str | None) -> str:
     return hashlib.sha256(f"{system or ''}\x00{prompt}".encode()).hexdigest()[:16]
-
-
-def row_seed(seed: int, phash: str, sample: int) -> int:
-    return int.from_bytes(hashlib.sha256(f"{seed}:{phash}:{sample}".encode()).digest()[:7], "big")
 
 
 class RowFile:
@@ -273,7 +269,7 @@ def make_jobs(prompts: list[Prompt], settings: GenerateSettings) -> list[Job]:
         if phash in seen:
             continue  # a repeated prompt is generated once
         seen.add(phash)
-        jobs += [Job(p, phash, k, row_seed(settings.seed, phash, k)) for k in range(settings.samples)]
+        jobs += [Job(p, phash, k, seeds.generation_row(settings.seed, phash, k)) for k in range(settings.samples)]
     return jobs
 
 
