@@ -22,7 +22,7 @@ sampled labels. The irreducible loss is `entropy_per_token`.
 Finite memory rather than a random automaton: random automata only reveal their state
 after twenty or more letters, so a model would have to simulate one over the whole
 prefix. Here the state is read off the last `order` letters, so the difficulty is data,
-not depth. The defaults (order 2, 16 states) are sized for the demo: a 0.8M-parameter
+not depth. The defaults (order 2, 16 states) are sized for the demo: a 1.06M-parameter
 teacher trained on 20,000 sequences gets within 0.006 nats per token (KL) of the truth,
 while a 0.1M student that sees 500 sequences' labels stays near 0.08 (docs/results.md).
 """
