@@ -232,7 +232,7 @@ def main() -> None:
 
     hf_logging.disable_progress_bar()  # our own progress display is enough
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)
     except DistillError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(e.exit_code)
@@ -246,6 +246,11 @@ def main() -> None:
             e.show()
             sys.exit(e.exit_code)
         raise
+    if code == 130:  # in standalone_mode=False typer turns Ctrl-C into this return value
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    if isinstance(code, int) and code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":

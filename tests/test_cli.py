@@ -137,3 +137,23 @@ def test_an_unknown_option_is_a_usage_error_not_a_traceback():
     proc = run_cli("train", "--bogus")
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr and "No such option: --bogus" in proc.stderr
+
+
+def test_ctrl_c_exits_130_and_says_interrupted(tmp_path):
+    """A SIGINT during training ends the command with 130 and "interrupted", never exit 0."""
+    import signal
+    import time
+
+    t = tree(tmp_path)
+    t["train"]["steps"] = 100000  # runs until interrupted
+    cfg = write_cfg(tmp_path, t)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "distill", "train", str(cfg)], stderr=subprocess.PIPE, text=True, env=env)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 2) and time.time() < deadline:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "Traceback" not in err
