@@ -196,10 +196,24 @@ def checkpoint_step(folder: Path) -> int:
 
 def trim_log(path: Path, last_step: int) -> None:
     """On resume, drop records (metrics, alignment) of steps past the checkpoint: they are
-    about to be redone."""
-    if path.exists():
-        keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= last_step]
-        atomic_write_text(path, "".join(line + "\n" for line in keep))
+    about to be redone. A torn last line (a crash or a full disk while appending) is dropped
+    too; a malformed line before it is an error naming the file and line."""
+    if not path.exists():
+        return
+    lines = path.read_text(encoding="utf-8", errors="replace").split("\n")
+    keep = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if all(not rest.strip() for rest in lines[number:]):
+                break  # the torn tail of an interrupted append
+            raise DistillError(f"{path}:{number}: not a JSON record; the run's log is damaged") from None
+        if record["step"] <= last_step:
+            keep.append(line)
+    atomic_write_text(path, "".join(line + "\n" for line in keep))
 
 
 def export_student(acc, model, tokenizer, run_dir: Path) -> None:

@@ -63,3 +63,28 @@ def test_a_checkpoint_in_the_old_pickled_format_is_refused(tiny_tree, tmp_path, 
     with pytest.raises(DistillError, match="never loaded"):
         train(build_config(tiny_tree), resume=True, show_progress=False)
     assert not marker.exists()
+
+
+def test_resume_drops_a_torn_last_log_line(tiny_tree, tmp_path, monkeypatch):
+    tiny_tree["train"].update(steps=4, checkpoint_every=2)
+    full, cut = copy.deepcopy(tiny_tree), copy.deepcopy(tiny_tree)
+    full["out_dir"], cut["out_dir"] = str(tmp_path / "full"), str(tmp_path / "cut")
+    train(build_config(full), show_progress=False)
+    crash_at(monkeypatch, 3, lambda: train(build_config(cut), show_progress=False))
+    metrics = Path(cut["out_dir"]) / "metrics.jsonl"
+    with open(metrics, "a") as f:
+        f.write('{"step": 4, "loss": 1.2')  # a disk that filled up in the middle of an append
+    train(build_config(cut), resume=True, show_progress=False)
+    got, want = read_metrics(cut["out_dir"]), read_metrics(full["out_dir"])
+    assert [m["step"] for m in got] == [1, 2, 3, 4]
+    assert [m["loss"] for m in got] == pytest.approx([m["loss"] for m in want], abs=1e-6)
+
+
+def test_a_damaged_line_inside_the_log_is_named(tiny_tree, monkeypatch):
+    tiny_tree["train"].update(steps=4, checkpoint_every=2)
+    crash_at(monkeypatch, 3, lambda: train(build_config(tiny_tree), show_progress=False))
+    metrics = Path(tiny_tree["out_dir"]) / "metrics.jsonl"
+    lines = metrics.read_text().splitlines()
+    metrics.write_text("\n".join([lines[0], "garbage", *lines[1:]]) + "\n")
+    with pytest.raises(DistillError, match=r"metrics.jsonl:2: not a JSON record"):
+        train(build_config(tiny_tree), resume=True, show_progress=False)
