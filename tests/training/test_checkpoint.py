@@ -31,12 +31,18 @@ def _plant(folder: Path, marker: Path) -> None:
         (folder / name).write_bytes(payload)
 
 
-def test_resume_never_unpickles_and_equals_uninterrupted(tiny_tree, tmp_path, monkeypatch):
+def _full_and_cut(tiny_tree, tmp_path, monkeypatch) -> tuple[dict, dict]:
+    """An uninterrupted 4-step run, and the same run crashed after step 3 (checkpoint at 2)."""
     tiny_tree["train"].update(steps=4, checkpoint_every=2)
     full, cut = copy.deepcopy(tiny_tree), copy.deepcopy(tiny_tree)
     full["out_dir"], cut["out_dir"] = str(tmp_path / "full"), str(tmp_path / "cut")
     train(build_config(full), show_progress=False)
     crash_at(monkeypatch, 3, lambda: train(build_config(cut), show_progress=False))
+    return full, cut
+
+
+def test_resume_never_unpickles_and_equals_uninterrupted(tiny_tree, tmp_path, monkeypatch):
+    full, cut = _full_and_cut(tiny_tree, tmp_path, monkeypatch)
     ckpt = Path(cut["out_dir"]) / "checkpoints" / "step-000002"
     assert not list(ckpt.glob("*.pkl")) and not list(ckpt.glob("*.bin"))  # nothing pickled is written
     marker = tmp_path / "marker"
@@ -66,11 +72,7 @@ def test_a_checkpoint_in_the_old_pickled_format_is_refused(tiny_tree, tmp_path, 
 
 
 def test_resume_drops_a_torn_last_log_line(tiny_tree, tmp_path, monkeypatch):
-    tiny_tree["train"].update(steps=4, checkpoint_every=2)
-    full, cut = copy.deepcopy(tiny_tree), copy.deepcopy(tiny_tree)
-    full["out_dir"], cut["out_dir"] = str(tmp_path / "full"), str(tmp_path / "cut")
-    train(build_config(full), show_progress=False)
-    crash_at(monkeypatch, 3, lambda: train(build_config(cut), show_progress=False))
+    full, cut = _full_and_cut(tiny_tree, tmp_path, monkeypatch)
     metrics = Path(cut["out_dir"]) / "metrics.jsonl"
     with open(metrics, "a") as f:
         f.write('{"step": 4, "loss": 1.2')  # a disk that filled up in the middle of an append
