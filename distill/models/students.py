@@ -3,7 +3,8 @@
 - fewer layers, initialised by copying chosen teacher layers (layer drop): every k-th, an
   even spread of n, or an explicit list; embeddings, final norm and lm_head are copied too;
 - narrower (hidden / intermediate size, attention and key-value heads): random init;
-- another family: any transformers causal-LM config sharing the tokenizer: random init.
+- another family: any transformers causal-LM config sharing the tokenizer: random init;
+- cut from the teacher's weights by measured importance: `pruning.py` (`--prune`).
 
     distill student --from packaged:smollm2-135m-instruct --layers 10 --out students/smol-10
 """
@@ -65,7 +66,7 @@ PER_LAYER_KEYS = ("layer_types", "no_rope_layers", "activation_sparsity_pattern"
                   "num_key_value_heads", "num_attention_heads", "num_kv_heads", "num_query_heads")  # fmt: skip
 
 
-def _drop_config(config, keep: list[int]):
+def drop_config(config, keep: list[int]):
     """A copy of the config with only the kept layers (and their per-layer settings)."""
     config = copy.deepcopy(config)
     text = config.get_text_config()
@@ -82,7 +83,7 @@ def layer_drop_student(teacher, keep: list[int]):
     """A student with the teacher's kept decoder layers (copied), embeddings, norm and head."""
     prefix, _ = decoder_layers(teacher)
     keep = check_kept(keep, teacher.config.get_text_config().num_hidden_layers)
-    config = _drop_config(teacher.config, keep)
+    config = drop_config(teacher.config, keep)
     with torch.device("meta"):
         student = AutoModelForCausalLM.from_config(config, dtype=teacher.dtype)
     new_index = {old: new for new, old in enumerate(keep)}
@@ -124,7 +125,7 @@ def resized_config(
     config = copy.deepcopy(config)
     text = config.get_text_config()
     if layers is not None:
-        config = _drop_config(config, spread_layers(text.num_hidden_layers, layers))
+        config = drop_config(config, spread_layers(text.num_hidden_layers, layers))
         text = config.get_text_config()
     for key, value in (("hidden_size", hidden_size), ("intermediate_size", intermediate_size),
                        ("num_attention_heads", heads), ("num_key_value_heads", kv_heads)):
@@ -169,15 +170,28 @@ def random_student(config, seed: int, dtype: torch.dtype):
         raise DistillError(f"model_type {config.model_type!r} is not a causal language model") from None
 
 
-def save_student(student, tokenizer, out: str | Path, provenance: dict) -> Path:
-    """save_pretrained + tokenizer + student.json into `out`, whole or not at all."""
+def _json_lists_inline(value, depth: int = 0) -> str:
+    """JSON with each object key on its own line and every list on one line (long score lists)."""
+    if not isinstance(value, dict) or not value:
+        return json.dumps(value)
+    pad = "  " * (depth + 1)
+    items = ",\n".join(f"{pad}{json.dumps(k)}: {_json_lists_inline(v, depth + 1)}" for k, v in value.items())
+    return "{\n" + items + "\n" + "  " * depth + "}"
+
+
+def save_student(student, tokenizer, out: str | Path, provenance: dict, lists_inline: bool = False) -> Path:
+    """save_pretrained + tokenizer + student.json into `out`, whole or not at all.
+
+    lists_inline: write each list of student.json on one line (pruning's per-neuron scores).
+    """
     out = Path(out)
     if out.exists():
         raise DistillError(f"{out} already exists; pick another --out")
+    record = {**provenance, "params": count_parameters(student)}
     with atomic_folder(out) as tmp:
         student.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        (tmp / "student.json").write_text(json.dumps({**provenance, "params": count_parameters(student)}, indent=2))
+        (tmp / "student.json").write_text(_json_lists_inline(record) if lists_inline else json.dumps(record, indent=2))
     return out
 
 
