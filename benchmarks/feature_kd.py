@@ -52,7 +52,13 @@ def smol_tree(student: Path, train_path: Path, held_path: Path, out: Path, seed:
     return {
         "student": {"name": str(student)},
         "teacher": {"name": SMOL},
-        "data": {"source": str(train_path), "eval_source": str(held_path), "max_length": 256, "n_test": 32},
+        "data": {
+            "source": str(train_path),
+            "eval_source": str(held_path),
+            "max_length": 256,
+            "n_test": 32,
+            "packing": False,
+        },  # whole rows, as results.md measured
         "objective": {"alpha": 0.5, "temperature": 1.0, "divergence": "forward_kl"},
         "features": {"weight": weight, "loss": args.loss, "layers": args.layer_map, "probe_examples": 32},
         "train": {"steps": args.steps, "micro_batch_size": args.batch, "lr": 2e-4, "warmup_steps": 5, "seed": seed},
@@ -159,7 +165,7 @@ def run_smollm2(args, work: Path) -> dict:
         make_student(SMOL, student_dir, layers=10)
     tok = build_tokenizer(ModelConfig(name=SMOL), "teacher")
     vocab = len(tok)
-    held = build_examples(DataConfig(source=str(held_path), max_length=256), tok)
+    held = build_examples(DataConfig(source=str(held_path), eval_source=str(held_path), max_length=256, packing=False), tok)
     teacher = load_causal_lm(SMOL).eval()
     teacher_lp = teacher_log_probs(teacher, held, tok.pad_token_id, vocab)
     init, _ = load_student(student_dir)

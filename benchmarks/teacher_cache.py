@@ -64,7 +64,8 @@ def run_tree(train_path: Path, held_path: Path, out: Path, seed: int, steps: int
     return {
         "student": {"config": STUDENT, "tokenizer": SMOL},
         "teacher": {"name": SMOL},
-        "data": {"source": str(train_path), "eval_source": str(held_path), "max_length": 256},
+        # whole rows, as results.md measured (text rows would pack by default)
+        "data": {"source": str(train_path), "eval_source": str(held_path), "max_length": 256, "packing": False},
         "objective": {"alpha": 0.5, "temperature": 1.0, "divergence": "forward_kl"},
         "train": {"steps": steps, "micro_batch_size": batch, "lr": 2e-3, "warmup_steps": 10, "seed": seed},
         "out_dir": str(out),
@@ -143,8 +144,9 @@ def main() -> None:
     train_path, held_path = prose_rows(work)
     tok = build_tokenizer(build_config(run_tree(train_path, held_path, work, 0, 1, 1)).teacher, "teacher")
     vocab = len(tok)
-    n_train = len(build_examples(DataConfig(source=str(train_path), max_length=256), tok))
-    held = build_examples(DataConfig(source=str(held_path), max_length=256), tok)
+    whole = {"max_length": 256, "packing": False}  # every row, unpacked (eval_source set: no held-out carve)
+    n_train = len(build_examples(DataConfig(source=str(train_path), eval_source=str(held_path), **whole), tok))
+    held = build_examples(DataConfig(source=str(held_path), eval_source=str(held_path), **whole), tok)
     steps_per_epoch = n_train // args.batch
     steps = steps_per_epoch * args.epochs
     teacher = load_causal_lm(SMOL).eval()

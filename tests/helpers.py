@@ -18,6 +18,28 @@ TINY_STUDENT = {
     "tie_word_embeddings": True,
 }
 TINY_TEACHER = {**TINY_STUDENT, "hidden_size": 48, "intermediate_size": 96}
+TINY_QWEN2 = {**TINY_STUDENT, "model_type": "qwen2"}
+# Gemma 3: a sliding-window layer (window 4, shorter than the test documents) then a full one.
+TINY_GEMMA3 = {**TINY_STUDENT, "model_type": "gemma3_text", "head_dim": 16, "sliding_window": 4,
+               "layer_types": ["sliding_attention", "full_attention"]}  # fmt: skip
+
+
+def text_rows(n: int, seed: int = 0, words: tuple[int, int] = (2, 9)) -> list[dict]:
+    """{"text"} rows of random lowercase words: the built-in character tokenizer reads them."""
+    import random
+
+    rng = random.Random(seed)
+
+    def word() -> str:
+        return "".join(rng.choice("abcdefghij") for _ in range(rng.randint(1, 5)))
+
+    return [{"text": " ".join(word() for _ in range(rng.randint(*words)))} for _ in range(n)]
+
+
+def write_text_rows(path, n: int, seed: int = 0, words: tuple[int, int] = (2, 9)):
+    """A JSONL file of `text_rows`; returns its path."""
+    Path(path).write_text("".join(json.dumps(r) + "\n" for r in text_rows(n, seed, words)))
+    return path
 
 
 def read_metrics(run_dir) -> list[dict]:

@@ -19,14 +19,19 @@ On disk:
                                logprobs (tokens, k) float16|float32
                                rest (tokens,) float32        log leftover mass (-inf: none)
 
-Shards are written to a temp file and renamed, and a shard counts only once the manifest
-(itself replaced atomically) lists it, so a killed run leaves nothing half-written: rerun
-the same command and it verifies the listed shards and writes the rest. A shard whose
-size or sha256 does not match the manifest is named in the error and never used.
+Shards are written to a temp file, flushed to disk and renamed, and a shard counts only
+once the manifest (itself replaced atomically) lists it, so a killed run leaves nothing
+half-written: rerun the same command and it verifies the listed shards and writes the rest.
+A listed shard whose size or sha256 does not match the manifest is named on stderr and
+rewritten by `distill cache`, and named in the error that stops a run reading the cache
+(never used). A manifest that is not what `distill cache` writes (not an object, no shard
+list, a shard file outside the cache folder, fewer shards than the examples need) is
+refused in one line naming the field.
 """
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -52,10 +57,11 @@ def tokenizer_hash(tokenizer) -> str:
 
 
 def dataset_hash(examples: list[Example]) -> str:
-    """sha256 (16 hex) of every example's token ids and labels, in order."""
+    """sha256 (16 hex) of every example's token ids and labels (and positions, for packed
+    blocks), in order."""
     h = hashlib.sha256()
     for e in examples:
-        h.update(json.dumps([e.input_ids, e.labels]).encode())
+        h.update(json.dumps([e.input_ids, e.labels] + ([e.position_ids] if e.position_ids is not None else [])).encode())
     return h.hexdigest()[:16]
 
 
@@ -72,13 +78,61 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+SHARD_FILE = re.compile(r"^shard-\d{5,}\.safetensors$")  # a plain name: never a path out of the folder
+_HEADER_INTS = ("top_k", "vocab_size", "shard_examples", "n_examples")
+_SHARD_INTS = ("index", "first_example", "examples", "tokens", "bytes")
+
+
+def _is_int(value, least: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
+def check_manifest(m, where: Path) -> None:
+    """Refuse a manifest `distill cache` did not write: one DistillError naming the field."""
+
+    def bad(what: str) -> DistillError:
+        return DistillError(f"{where}: {what}; not a manifest `distill cache` writes (rewrite the cache)")
+
+    if not isinstance(m, dict):
+        raise bad(f"a JSON {type(m).__name__}, not an object")
+    for key in _HEADER_INTS:
+        if not _is_int(m.get(key), 0 if key == "n_examples" else 1):
+            raise bad(f"{key} is {m.get(key)!r}, not a positive integer")
+    temperature = m.get("temperature")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
+        raise bad(f"temperature is {temperature!r}, not a positive number")
+    if m.get("logprob_dtype") not in LOGPROB_DTYPES:
+        raise bad(f"logprob_dtype is {m.get('logprob_dtype')!r}, not one of {sorted(LOGPROB_DTYPES)}")
+    shards = m.get("shards")
+    if not isinstance(shards, list):
+        raise bad("no 'shards' list")
+    n_shards = -(-m["n_examples"] // m["shard_examples"])
+    for i, shard in enumerate(shards):
+        if not isinstance(shard, dict):
+            raise bad(f"shards[{i}] is not an object")
+        file = shard.get("file")
+        if not isinstance(file, str) or not SHARD_FILE.match(file):
+            raise bad(f"shards[{i}].file is {file!r}, not a shard file name inside the cache folder")
+        for key in _SHARD_INTS:
+            if not _is_int(shard.get(key), 0):
+                raise bad(f"shards[{i}].{key} is {shard.get(key)!r}, not a non-negative integer")
+        if shard["index"] >= n_shards or not isinstance(shard.get("sha256"), str):
+            raise bad(f"shards[{i}] has index {shard['index']} of {n_shards} shards, or no sha256")
+        first = shard["index"] * m["shard_examples"]
+        if shard["first_example"] != first or shard["examples"] != min(m["shard_examples"], m["n_examples"] - first):
+            raise bad(f"shards[{i}] holds examples {shard['first_example']}+{shard['examples']}, not its shard's")
+    if m.get("complete") and sorted(s["index"] for s in shards) != list(range(n_shards)):
+        raise bad(f"marked complete with {len(shards)} of the {n_shards} shards its {m['n_examples']} examples need")
+
+
 def read_manifest(path: Path) -> dict:
     manifest_path = Path(path) / "manifest.json"
     if not manifest_path.exists():
         raise DistillError(f"{path}: not a teacher cache (no manifest.json); write one with `distill cache`")
     manifest = read_json(manifest_path, "teacher cache manifest")
-    if manifest.get("format") != FORMAT:
+    if isinstance(manifest, dict) and manifest.get("format") != FORMAT:
         raise DistillError(f"{manifest_path}: cache format {manifest.get('format')!r}, this distill reads {FORMAT}")
+    check_manifest(manifest, manifest_path)
     return manifest
 
 
@@ -107,7 +161,7 @@ class TeacherCache:
             )
         self.k, self.vocab_size, self.temperature = m["top_k"], m["vocab_size"], m["temperature"]
         self.size = m["shard_examples"]
-        self.shards = [self._load(s) for s in m["shards"]]
+        self.shards = [self._load(s) for s in sorted(m["shards"], key=lambda s: s["index"])]
 
     def _load(self, shard: dict) -> dict[str, torch.Tensor]:
         path = self.path / shard["file"]
@@ -119,9 +173,21 @@ class TeacherCache:
         if file_sha256(path) != shard["sha256"]:
             raise DistillError(f"{path}: checksum mismatch (corrupted); rerun `distill cache` to rewrite it")
         try:
-            return load_file(str(path))
+            tensors = load_file(str(path))
         except (SafetensorError, OSError) as e:
             raise DistillError(f"{path}: unreadable shard ({e})") from None
+        n, k = shard["tokens"], self.k
+        want = {"offsets": (shard["examples"] + 1,), "ids": (n, k), "logprobs": (n, k), "rest": (n,)}
+        for key, shape in want.items():
+            if key not in tensors or tuple(tensors[key].shape) != shape:
+                got = tuple(tensors[key].shape) if key in tensors else "missing"
+                raise DistillError(f"{path}: tensor {key!r} is {got}, the manifest says {shape}; rerun `distill cache`")
+        offsets, ids = tensors["offsets"], tensors["ids"]
+        if offsets[0].item() != 0 or offsets[-1].item() != n or bool((offsets[1:] < offsets[:-1]).any()):
+            raise DistillError(f"{path}: its offsets do not cover its {n} tokens in order; rerun `distill cache`")
+        if ids.numel() and (ids.min().item() < 0 or ids.max().item() >= self.vocab_size):
+            raise DistillError(f"{path}: token ids outside the vocabulary of {self.vocab_size}; rerun `distill cache`")
+        return tensors
 
     def example(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Example i's ids (n, k) int64, logprobs (n, k) float32, rest (n,) float32."""

@@ -100,15 +100,23 @@ def generate_sampled(model, tokenizer, prompts: list[str], sampling: Sampling, s
 
 @torch.no_grad()
 def forced_scores(
-    model, tokenizer, rows: list[Row], batch_size: int, max_length: int, teacher=None, vocab: int | None = None
+    model,
+    tokenizer,
+    rows: list[Row],
+    batch_size: int,
+    max_length: int,
+    teacher=None,
+    vocab: int | None = None,
+    truncate: bool = False,
 ) -> dict[str, float]:
     """One teacher-forced forward per batch of held-out rows (and of the teacher on the same
     batch): the sums of `metrics.forced_sums` over all rows, plus `tokens`, the input tokens
-    each model read. vocab: the real (shared) vocabulary logits are sliced to."""
+    each model read. vocab: the real (shared) vocabulary logits are sliced to; truncate:
+    data.truncate (cut over-long rows instead of refusing them)."""
     model.eval()
     device = next(model.parameters()).device
     vocab = vocab or len(tokenizer)
-    examples = tokenize_rows(rows, tokenizer, max_length, source="eval")
+    examples = tokenize_rows(rows, tokenizer, max_length, source="eval", truncate=truncate)
     sums: dict[str, float] = {"tokens": 0.0}
     for i in range(0, len(examples), batch_size):
         b = {k: v.to(device) for k, v in collate(examples[i : i + batch_size], tokenizer.pad_token_id).items()}
@@ -189,6 +197,7 @@ def evaluate_rows(
     teacher=None,
     teacher_tokenizer=None,
     vocab: int | None = None,
+    truncate: bool = False,
 ) -> tuple[dict, dict]:
     """Evaluate a student (and compare it with its teacher) on held-out rows.
 
@@ -200,6 +209,7 @@ def evaluate_rows(
         format_regex: the regex of format adherence (the caller's default for the task).
         teacher, teacher_tokenizer: a teacher model sharing the student's vocabulary, or None.
         vocab: the shared real vocabulary size logits are sliced to.
+        truncate: cut held-out rows over max_length (data.truncate) instead of refusing them.
 
     Returns:
         (result, usage): result is eval.json's tree (n, accuracy, heldout_ce, perplexity,
@@ -209,7 +219,7 @@ def evaluate_rows(
     """
     t0 = time.perf_counter()
     bs, prompts = settings.batch_size, [r.prompt for r in rows]
-    forced = forced_scores(model, tokenizer, rows, bs, max_length, teacher, vocab)
+    forced = forced_scores(model, tokenizer, rows, bs, max_length, teacher, vocab, truncate)
     count = max(forced["count"], 1.0)
     ce = forced["student_ce"] / count
     gens = generate_greedy_ids(model, tokenizer, prompts, settings.max_new_tokens, bs)

@@ -2,6 +2,7 @@
 
     ece_bins            expected calibration error and the reliability-diagram bins
     length_stats        generation length drift of a student against its teacher
+    paired_length_difference  mean (absolute) per-prompt length difference, student - teacher
     refusal_rate        share of generations that match a refusal pattern
     format_adherence    share of generations in the expected format (regex, JSON schema)
     token_span          the generated tokens that spell a character span of their text
@@ -96,6 +97,15 @@ def length_stats(student: Sequence[int], teacher: Sequence[int]) -> dict:
         "mean_ratio": s_mean / t_mean if t_mean else None,
         "p90_ratio": s_p90 / t_p90 if t_p90 else None,
     }
+
+
+def paired_length_difference(student: Sequence[int], teacher: Sequence[int]) -> dict:
+    """Per-prompt length differences of two models' generations from the same prompts:
+    mean_diff = mean(student - teacher), mean_abs_diff = mean(|student - teacher|)."""
+    if len(student) != len(teacher) or not student:
+        raise ValueError(f"{len(student)} student lengths for {len(teacher)} teacher lengths")
+    diffs = [s - t for s, t in zip(student, teacher)]
+    return {"mean_diff": sum(diffs) / len(diffs), "mean_abs_diff": sum(abs(d) for d in diffs) / len(diffs)}
 
 
 def refusal_rate(texts: Sequence[str], patterns: Sequence[str]) -> float | None:

@@ -178,14 +178,15 @@ def fused_sparse_term_sums(
     return loss, {"task_ce": sums[1], "kd": sums[0]}
 
 
-def head_matches_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> bool:
+def head_matches_logits(model, **inputs: torch.Tensor) -> bool:
     """True when logits == lm_head(last hidden state), so the fused path computes the same
-    thing (False for softcapped or scaled logits, e.g. Gemma 2/3, Cohere)."""
+    thing (False for softcapped or scaled logits, e.g. Gemma 2/3, Cohere). `inputs`: the
+    forward's arguments of a small batch (input_ids and attention_mask or position_ids)."""
     head = model.get_output_embeddings()
     if not isinstance(head, torch.nn.Linear):
         return False
     with torch.no_grad():
-        out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, logits_to_keep=1)
+        out = model(**inputs, output_hidden_states=True, logits_to_keep=1)
         if out.hidden_states is None:
             return False
         mine = head(out.hidden_states[-1][:, -1:])  # (B, 1, V)

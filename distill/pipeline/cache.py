@@ -2,7 +2,7 @@
 format `distill.data.teacher_cache` defines (and whose reader lives there too)."""
 
 import hashlib
-import os
+import sys
 import time
 from pathlib import Path
 
@@ -12,6 +12,7 @@ from safetensors.torch import save
 from distill import rundir, seeds
 from distill.budget import forward_flops, record_phase
 from distill.data.build import build_examples
+from distill.data.packing import model_inputs
 from distill.data.rows import Example, collate
 from distill.data.teacher_cache import (
     FORMAT,
@@ -26,7 +27,7 @@ from distill.errors import DistillError
 from distill.loss.token_losses import IGNORE_INDEX
 from distill.models.build import build_model, build_tokenizer, model_id
 from distill.models.loading import count_parameters
-from distill.paths import atomic_write_json
+from distill.paths import atomic_write_bytes, atomic_write_json
 from distill.progress import Progress
 
 
@@ -46,9 +47,8 @@ def teacher_topk(
     for start in range(0, len(order), batch_size):
         chosen = order[start : start + batch_size]
         batch = collate([examples[i] for i in chosen], pad_id)
-        logits = teacher(
-            input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
-        ).logits[:, :-1, :vocab]  # (B, T-1, V)
+        inputs = model_inputs({k: v.to(device) for k, v in batch.items()})  # packed blocks: per-row attention
+        logits = teacher(**inputs).logits[:, :-1, :vocab]  # (B, T-1, V)
         valid = (batch["labels"][:, 1:] != IGNORE_INDEX).to(device)  # (B, T-1)
         log_p = torch.log_softmax(logits[valid].float() / temperature, dim=-1)  # (n, V) rows in batch order
         top = log_p.topk(k, dim=-1)  # (n, k) best first
@@ -80,6 +80,9 @@ class CacheWriter:
                         f"has {want!r}; write to another --out"
                     )
             self.shards = {s["index"]: s for s in manifest["shards"] if self._intact(s)}
+            for shard in manifest["shards"]:
+                if self.shards.get(shard["index"]) is not shard:
+                    print(f"{self.out / shard['file']}: {self._damage(shard)}; rewriting it", file=sys.stderr)
         else:
             self.out.mkdir(parents=True, exist_ok=True)
             self.shards = {}
@@ -88,8 +91,18 @@ class CacheWriter:
         self._save_manifest()
 
     def _intact(self, shard: dict) -> bool:
+        return self._damage(shard) is None
+
+    def _damage(self, shard: dict) -> str | None:
+        """What is wrong with a listed shard's file, or None when it is whole."""
         path = self.out / shard["file"]
-        return path.exists() and path.stat().st_size == shard["bytes"] and file_sha256(path) == shard["sha256"]
+        if not path.is_file():
+            return "missing"
+        if path.stat().st_size != shard["bytes"]:
+            return f"truncated or altered ({path.stat().st_size} bytes, manifest says {shard['bytes']})"
+        if file_sha256(path) != shard["sha256"]:
+            return "checksum mismatch (corrupted)"
+        return None
 
     def _save_manifest(self) -> None:
         shards = [self.shards[i] for i in sorted(self.shards)]
@@ -99,7 +112,7 @@ class CacheWriter:
     def todo(self) -> list[int]:
         return [i for i in range(self.n_shards) if i not in self.shards]
 
-    def write_shard(self, index: int, counts: list[int], ids, logprobs, rest) -> None:
+    def write_shard(self, index: int, counts: list[int], ids, logprobs, rest, seconds: float | None = None) -> None:
         size = self.header["shard_examples"]
         offsets = torch.tensor([0, *counts], dtype=torch.int64).cumsum(0)  # (count + 1,)
         if offsets[-1].item() != ids.shape[0]:
@@ -112,9 +125,7 @@ class CacheWriter:
         }
         data = save(tensors)  # the shard's bytes: hashed here, written once, never re-read
         name = f"shard-{index:05d}.safetensors"
-        tmp = self.out / f".{name}.tmp"
-        tmp.write_bytes(data)
-        os.replace(tmp, self.out / name)
+        atomic_write_bytes(self.out / name, data)  # temp file, fsync, rename
         self.shards[index] = {
             "index": index,
             "file": name,
@@ -123,8 +134,24 @@ class CacheWriter:
             "tokens": int(ids.shape[0]),
             "bytes": len(data),
             "sha256": hashlib.sha256(data).hexdigest(),
+            "seconds": seconds,  # the teacher's time on it: budget.json is recomputed from these
         }
         self._save_manifest()
+
+    def budget(self, examples: list[Example], params: int | None) -> dict:
+        """teacher_caching totals of the listed shards: tokens read, FLOPs, seconds (null when
+        a shard of an older manifest has no seconds), one record per shard. Recomputed from
+        the manifest, so a kill between a shard and its budget record loses nothing."""
+        size = self.header["shard_examples"]
+        shards = [self.shards[i] for i in sorted(self.shards)]
+        tokens = sum(len(e.input_ids) for s in shards for e in examples[s["index"] * size : (s["index"] + 1) * size])
+        seconds = [s.get("seconds") for s in shards]
+        return {
+            "tokens": tokens,
+            "flops": forward_flops(params, tokens),
+            "records": len(shards),
+            "seconds": None if any(x is None for x in seconds) else sum(seconds),
+        }
 
 
 def write_teacher_cache(
@@ -135,7 +162,8 @@ def write_teacher_cache(
     Returns the manifest. The temperature is cfg.objective.temperature: the cached
     log-probabilities are at the loss temperature, so a run must use the same one. The
     teacher's pass is recorded as phase teacher_caching of OUT/budget.json (tokens read,
-    2 x params x tokens FLOPs, seconds; a resumed cache adds to it).
+    2 x params x tokens FLOPs, seconds; totals over every shard the manifest lists, so a
+    resumed cache, or one killed between a shard and its record, counts each shard once).
     """
     if cfg.teacher is None:
         raise DistillError("distill cache needs a 'teacher' section in the run config")
@@ -174,11 +202,10 @@ def write_teacher_cache(
             ids, logprobs, rest = teacher_topk(
                 teacher, examples[lo:hi], tokenizer.pad_token_id, vocab, top_k, cfg.objective.temperature, batch_size
             )
-            writer.write_shard(index, counts[lo:hi], ids, logprobs, rest)
-            # Recorded shard by shard: a killed and resumed cache counts every shard once.
-            read = sum(len(e.input_ids) for e in examples[lo:hi])
-            add = {"tokens": read, "flops": forward_flops(params, read), "seconds": time.perf_counter() - t0}
-            record_phase(Path(out) / rundir.BUDGET, "teacher_caching", add=add)
+            writer.write_shard(index, counts[lo:hi], ids, logprobs, rest, seconds=time.perf_counter() - t0)
+            # Recomputed from the manifest at every shard: a killed and resumed cache counts
+            # every listed shard once, even one whose record the kill cut off.
+            record_phase(Path(out) / rundir.BUDGET, "teacher_caching", totals=writer.budget(examples, params))
             done += 1
             progress.update(done, float("nan"), 0.0)
         progress.close()

@@ -10,10 +10,12 @@ from distill.budget import record_phase
 from distill.config import RunConfig, load_config
 from distill.data.build import build_rows
 from distill.data.rationale import eval_rows
+from distill.data.rows import is_text
 from distill.data.tasks import chain
 from distill.errors import ConfigError, DistillError
 from distill.eval.evaluate import evaluate_rows, load_student
 from distill.eval.gates import check_gates
+from distill.eval.text import evaluate_text
 from distill.eval.truth import truth_scores
 from distill.models.build import build_teacher
 from distill.paths import atomic_write_json
@@ -50,18 +52,25 @@ def evaluate_run(cfg: RunConfig, model, tokenizer, run_dir: Path | None) -> dict
     gates = cfg.gates.expressions()
     if not rows:  # nothing to evaluate on: every gate fails for want of its metric
         return {"n": 0, **({"gates": check_gates(gates, {})} if gates else {})}
-    fmt = "chain" if cfg.data.source == "builtin:chain" else cfg.eval.answer_format
-    direct = cfg.rationale.mode != "completion"
+    d = cfg.data
     if torch.cuda.is_available() and cfg.train.device == "auto":
         model.to("cuda")  # the teacher follows the student's device
     teacher, t_tok, vocab = load_eval_teacher(cfg, tokenizer, model)
-    result, usage = evaluate_rows(
-        model, tokenizer, rows, cfg.eval, cfg.data.max_length, fmt, direct, default_format_regex(cfg), teacher, t_tok, vocab
-    )
-    if cfg.data.source == "builtin:grammar":  # the true distribution is known: score against it
-        result["truth"] = truth_scores(model, tokenizer, rows, cfg.data.seed, cfg.eval.batch_size, cfg.data.max_length, teacher)
+    if is_text(rows) and not d.source.startswith("builtin:"):  # {"text"} rows: no prompt, no answer
+        result, usage = evaluate_text(model, tokenizer, rows, cfg.eval, d.max_length, d.truncate, teacher, vocab)
+        scored = result["text"]  # what the gates read
+    else:
+        fmt = "chain" if d.source == "builtin:chain" else cfg.eval.answer_format
+        direct = cfg.rationale.mode != "completion"
+        task = (fmt, direct, default_format_regex(cfg))  # where the answer is, and the format checked
+        result, usage = evaluate_rows(
+            model, tokenizer, rows, cfg.eval, d.max_length, *task, teacher, t_tok, vocab, truncate=d.truncate
+        )
+        scored = result
+    if d.source == "builtin:grammar":  # the true distribution is known: score against it
+        result["truth"] = truth_scores(model, tokenizer, rows, d.seed, cfg.eval.batch_size, d.max_length, teacher)
     if gates:
-        result["gates"] = check_gates(gates, result)
+        result["gates"] = check_gates(gates, scored)
     if run_dir is not None:
         atomic_write_json(run_dir / rundir.EVAL, result)
         record_phase(run_dir / rundir.BUDGET, "evaluation", add=usage)

@@ -5,8 +5,8 @@ The page opens with no network: plotly.js is embedded inline, the data sits in a
 tables are rendered here with every text HTML-escaped, and the page script draws the plots
 from the data, handing plotly only entity-escaped text (see html_template.py).
 
-Sections (element ids): #runs, #loss-curves, #eval-table, #reliability, #gates-table,
-#budget, #alignment, #samples. A plot section's id is the plotly div itself.
+Sections (element ids): #runs, #loss-curves, #eval-table, #text-eval (runs on {"text"}
+rows), #reliability, #gates-table, #budget, #alignment, #samples. A plot section's id is the plotly div itself.
 """
 
 import json
@@ -40,11 +40,29 @@ EVAL_ROWS = [
     ("format_adherence", "format_adherence", None),
     ("wall_s", "wall_s", None),
 ]
+# eval.json's `text` block ({"text"} rows, distill/eval/text.py), student and teacher side by side.
+TEXT_ROWS = [
+    ("held-out rows", "rows", None),
+    ("tokens scored", "tokens", None),
+    ("heldout_ce", "heldout_ce", "teacher.heldout_ce"),
+    ("perplexity", "perplexity", "teacher.perplexity"),
+    ("agreement_top1", "agreement_top1", None),
+    ("forward_kl", "divergences.forward_kl", None),
+    ("reverse_kl", "divergences.reverse_kl", None),
+    ("jsd", "divergences.jsd", None),
+    ("continuation length mean", "length.student_mean", "length.teacher_mean"),
+    ("continuation length p90", "length.student_p90", "length.teacher_p90"),
+    ("length difference mean (student - teacher)", "length.mean_diff", None),
+    ("length |difference| mean", "length.mean_abs_diff", None),
+    ("length mean_ratio", "length.mean_ratio", None),
+    ("EOS rate", "length.student_eos_rate", "length.teacher_eos_rate"),
+    ("prompts continued", "length.prompts", None),
+]
 SECTIONS = [
-    ("runs", "Runs"), ("loss-curves", "Loss curves"), ("eval-table", "Evaluation"),
+    ("runs", "Runs"), ("loss-curves", "Loss curves"), ("eval-table", "Evaluation"), ("text-eval", "Text evaluation"),
     ("reliability", "Reliability"), ("gates-table", "Gates"), ("budget", "Compute budget"),
     ("alignment", "Alignment (CKA)"), ("samples", "Samples"),
-]
+]  # fmt: skip
 
 
 def fmt(v) -> str:
@@ -99,12 +117,10 @@ def runs_section(runs: list[dict]) -> str:
     return table(head, rows) + (f'<ul class="missing">{notes}</ul>' if notes else "")
 
 
-def eval_section(runs: list[dict]) -> str:
-    evals = [r["eval"] or {} for r in runs]
-    has_teacher = [any(dig(e, t) is not None for _, _, t in EVAL_ROWS if t) for e in evals]
-    extra = sorted({k for e in evals if isinstance(e.get("divergences"), dict) for k in e["divergences"]})
-    rows_def = EVAL_ROWS + [(f"divergences.{k}", f"divergences.{k}", None) for k in extra
-                            if f"divergences.{k}" not in {d for _, d, _ in EVAL_ROWS}]
+def side_by_side(runs: list[dict], evals: list[dict], rows_def: list[tuple[str, str, str | None]]) -> str:
+    """A metric x run table: a student column per run, and a teacher column where the run
+    has any teacher value."""
+    has_teacher = [any(dig(e, t) is not None for _, _, t in rows_def if t) for e in evals]
     top = '<th rowspan="2">metric</th>' + "".join(
         f'<th colspan="{2 if t else 1}" class="name">{escape(r["name"])}</th>' for r, t in zip(runs, has_teacher)
     )
@@ -112,14 +128,34 @@ def eval_section(runs: list[dict]) -> str:
     body = []
     for label, key, tkey in rows_def:
         cells = [f"<th>{escape(label)}</th>"]
-        for r, e, t in zip(runs, evals, has_teacher):
+        for e, t in zip(evals, has_teacher):
             cells.append(td(dig(e, key)))
             if t:
                 cells.append(td(dig(e, tkey)) if tkey else '<td class="blank"></td>')
         body.append(f"<tr>{''.join(cells)}</tr>")
+    return f'<table class="eval"><thead><tr>{top}</tr><tr>{sub}</tr></thead><tbody>{"".join(body)}</tbody></table>'
+
+
+def eval_section(runs: list[dict]) -> str:
+    evals = [r["eval"] or {} for r in runs]
+    extra = sorted({k for e in evals if isinstance(e.get("divergences"), dict) for k in e["divergences"]})
+    rows_def = EVAL_ROWS + [(f"divergences.{k}", f"divergences.{k}", None) for k in extra
+                            if f"divergences.{k}" not in {d for _, d, _ in EVAL_ROWS}]
     note = lacking(runs, lambda r: r["eval"] is not None, f"no {rundir.EVAL}")
-    return (f'<table class="eval"><thead><tr>{top}</tr><tr>{sub}</tr></thead>'
-            f"<tbody>{''.join(body)}</tbody></table>{note}")
+    return side_by_side(runs, evals, rows_def) + note
+
+
+def has_text(r: dict) -> bool:
+    return isinstance(dig(r["eval"], "text"), dict)
+
+
+def text_section(runs: list[dict]) -> str:
+    """The text runs' held-out scores side by side (eval.json `text`); a note names the others."""
+    texts = [r for r in runs if has_text(r)]
+    note = lacking(runs, has_text, 'no text evaluation (only runs on {"text"} rows have one)')
+    if not texts:
+        return '<p class="empty">no run has a text evaluation</p>' + note
+    return side_by_side(texts, [r["eval"]["text"] for r in texts], TEXT_ROWS) + note
 
 
 def gates_section(runs: list[dict]) -> str:
@@ -168,9 +204,9 @@ def samples_section(runs: list[dict]) -> str:
             why = f"no {rundir.EVAL}" if r["eval"] is None else f"no samples in {rundir.EVAL}"
             parts.append(f'<p class="missing">{why}</p>')
             continue
-        keys = ("prompt", "generated", "answer")
+        keys = ("prompt", "generated", "teacher" if any(s.get("teacher") for s in r["samples"]) else "answer")
         rows = [f"<tr>{''.join(f'<td><pre>{escape(s[k])}</pre></td>' for k in keys)}</tr>" for s in r["samples"]]
-        parts.append(table(["prompt", "generated", "answer"], rows, "samples"))
+        parts.append(table(list(keys), rows, "samples"))
     return "".join(parts)
 
 
@@ -217,6 +253,7 @@ def render(runs: list[dict]) -> str:
         "runs": (runs_section(runs), ""),
         "loss-curves": plot_section(runs, "loss-curves"),
         "eval-table": (eval_section(runs), ""),
+        "text-eval": (text_section(runs), ""),
         "reliability": plot_section(runs, "reliability"),
         "gates-table": (gates_section(runs), ""),
         "budget": plot_section(runs, "budget"),

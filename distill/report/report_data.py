@@ -12,6 +12,7 @@ import yaml
 
 from distill import rundir
 from distill.errors import DistillError
+from distill.paths import MAX_YAML_BYTES, load_yaml, read_text
 
 # metrics.jsonl keys that are not loss terms (timings, counts, schedule, flags).
 NOT_LOSS = {
@@ -51,7 +52,7 @@ def read_json_file(path: Path, notes: list[str]):
         return None
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError, RecursionError) as e:
         notes.append(f"{path.name} is unreadable ({e.__class__.__name__}: {e}); shown as missing")
         return None
 
@@ -71,7 +72,7 @@ def read_jsonl_file(path: Path, notes: list[str]) -> list[dict] | None:
             continue
         try:
             obj = json.loads(line)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             bad += 1
             continue
         if isinstance(obj, dict):
@@ -91,8 +92,8 @@ def read_config(run_dir: Path) -> dict:
     if not path.is_file():
         raise DistillError(f"not a run directory: {run_dir} (no {rundir.CONFIG})")
     try:
-        tree = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        tree = load_yaml(read_text(path, "run config", MAX_YAML_BYTES), str(path))  # bounded: no alias bomb
+    except yaml.YAMLError as e:
         raise DistillError(f"{path}: malformed YAML ({e.__class__.__name__})") from None
     if not isinstance(tree, dict):
         raise DistillError(f"{path}: expected a mapping of config sections, got {type(tree).__name__}")
@@ -218,7 +219,7 @@ def load_run(run_dir: Path, name: str) -> dict:
         "objective": {k: dig(config, k) for k in OBJECTIVE_KEYS},
         "metrics": metrics_series(metrics, notes) if metrics else None,
         "eval": {k: v for k, v in ev.items() if k != "samples"} if ev is not None else None,
-        "samples": [{k: clip(s.get(k)) for k in ("prompt", "generated", "answer")} for s in samples],
+        "samples": [{k: clip(s.get(k)) for k in ("prompt", "generated", "answer", "teacher")} for s in samples],
         "budget": budget_phases(budget) if budget is not None else None,
         "alignment": [r for r in alignment if is_number(r.get("step"))] if alignment is not None else None,
     }

@@ -14,6 +14,7 @@ from typing import Protocol
 import torch
 
 from distill.config import FeatureConfig
+from distill.data.packing import document_starts, model_inputs
 from distill.loss.token_losses import IGNORE_INDEX
 from distill.training.features import Pair, feature_term_sum
 
@@ -36,8 +37,8 @@ class FeatureTerm:
     def __call__(self, s_out, t_out, batch):
         mask = torch.zeros_like(batch["attention_mask"], dtype=torch.bool)  # (B, T)
         mask[:, :-1] = batch["labels"][:, 1:] != IGNORE_INDEX  # the positions the other terms count
-        if self.cfg.skip_first_token:
-            mask[:, 0] = False
+        if self.cfg.skip_first_token:  # every document's first token: each packed row has its own sink
+            mask &= ~document_starts(batch)
         feature = feature_term_sum(self.projectors, self.pairs, self.cfg.loss, s_out.hidden_states, t_out.hidden_states, mask)
         return self.cfg.weight * feature, {"feature": feature}
 
@@ -50,7 +51,7 @@ def build_extra_terms(fcfg: FeatureConfig, projectors, pairs: list[Pair] | None)
 def micro_batch_objective(student, teacher, terms: list[LossTerm], batch, t_out, weights) -> tuple[torch.Tensor, dict]:
     """(weighted loss sum, {term: sum}) of one micro-batch: the student's forward, the
     teacher's logit terms, then each extra term. t_out: `teacher.forward(batch)`."""
-    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    inputs = model_inputs(batch)  # packed blocks: per-row positions, attention kept inside each row
     states = teacher.fused or any(t.needs_hidden_states for t in terms)
     # logits_to_keep=1: the model skips its own (B, T, V) logits on the fused path.
     s_out = student(**inputs, output_hidden_states=states, **({"logits_to_keep": 1} if teacher.fused else {}))

@@ -20,6 +20,7 @@ from typing import Protocol
 import torch
 
 from distill.config import RunConfig
+from distill.data.packing import model_inputs
 from distill.data.rows import collate
 from distill.data.teacher_cache import TeacherCache
 from distill.errors import DistillError
@@ -88,8 +89,7 @@ class LiveTeacher(_Objective):
         only_states = self.fused or not self.kd
         with torch.no_grad():
             return self.model(
-                input_ids=batch["input_ids"],
-                attention_mask=batch["attention_mask"],
+                **model_inputs(batch),  # the student's positions and mask: the same context
                 output_hidden_states=self.states,
                 **({"logits_to_keep": 1} if only_states else {}),  # skips the (B, T, V) logits
             )
@@ -134,10 +134,9 @@ def use_fused_path(cfg: RunConfig, student, teacher_model, cache, examples, pad_
     objective.fused=true makes that a requirement, false turns the path off."""
     if (teacher_model is None and cache is None) or cfg.objective.alpha == 0 or cfg.objective.fused is False:
         return False
-    sample = collate(examples[:2], pad_id)
-    sample = {k: v.to(device) for k, v in sample.items() if k != "labels"}
+    sample = {k: v.to(device) for k, v in collate(examples[:2], pad_id).items()}
     models = [student] + ([teacher_model] if teacher_model is not None else [])
-    fused = all(head_matches_logits(m, **sample) for m in models)
+    fused = all(head_matches_logits(m, **model_inputs(sample)) for m in models)
     if not fused and cfg.objective.fused:
         raise DistillError("objective.fused=true, but a model's logits are not a plain lm_head of its hidden states")
     return fused

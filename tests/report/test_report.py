@@ -15,7 +15,7 @@ from distill.pipeline.runner import run_training
 from distill.report import write_report
 from distill.report.report_data import MAX_POINTS, metrics_series, run_names
 
-SECTIONS = ["runs", "loss-curves", "eval-table", "reliability", "gates-table", "budget", "alignment", "samples"]
+SECTIONS = ["runs", "loss-curves", "eval-table", "text-eval", "reliability", "gates-table", "budget", "alignment", "samples"]
 PLOTS = ["loss-curves", "reliability", "budget", "alignment"]
 XSS_PROMPT = "Q:<script>alert(1)</script>1+2="
 
@@ -214,6 +214,40 @@ def test_runs_side_by_side(tiny_tree, tmp_path, open_page):
     gates = p.page.inner_text("#gates-table")
     assert "b/run" in gates and "no gates configured" in gates
     assert "no budget.json: b/run" in p.page.inner_text("#sec-budget")
+
+
+def test_text_runs_show_their_text_evaluation_side_by_side(tiny_tree, tmp_path, open_page):
+    """Runs on {"text"} rows (eval.json `text`) side by side, student and teacher; a run with
+    a text evaluation and no teacher gets one column; a prompt/completion run is named as
+    having none."""
+    text = {"rows": 21, "tokens": 840.0, "heldout_ce": 2.1, "perplexity": 8.17, "agreement_top1": 0.64,
+            "teacher": {"heldout_ce": 1.7, "perplexity": 5.47},
+            "divergences": {"forward_kl": 0.42, "reverse_kl": 0.39, "jsd": 0.081, "tvd": 0.3},
+            "length": {"student_mean": 30.5, "teacher_mean": 24.0, "student_p90": 48, "teacher_p90": 40,
+                       "mean_ratio": 1.27, "p90_ratio": 1.2, "mean_diff": 6.5, "mean_abs_diff": 9.25,
+                       "student_eos_rate": 0.5, "teacher_eos_rate": 0.75, "prompts": 4, "max_new_tokens": 48}}
+    runs = []
+    for name, block in (("kd", text), ("labels", {k: v for k, v in text.items() if k not in ("teacher", "length")})):
+        run = make_run(tmp_path / name, tiny_tree, alignment=False)
+        samples = [{"prompt": "the <i>cat</i>", "generated": "sat on", "teacher": "sat down"}]
+        (run / "eval.json").write_text(json.dumps({"n": 21, "text": block, "samples": samples, "wall_s": 1.0}))
+        runs.append(run)
+    runs.append(make_run(tmp_path / "chain", tiny_tree, alignment=False))
+    out = write_report(runs, tmp_path / "report.html")
+    p = open_page(out)
+    check_page(p)
+    header = p.page.evaluate("[...document.querySelectorAll('#text-eval thead tr:first-child th')].map(e => e.textContent)")
+    assert header == ["metric", "kd", "labels"]
+    cells = p.page.evaluate(
+        "[...document.querySelectorAll('#text-eval tbody tr')].map(r => [...r.children].map(c => c.textContent))")
+    rows = {r[0]: r[1:] for r in cells}
+    assert rows["heldout_ce"] == ["2.1", "1.7", "2.1"] and rows["perplexity"] == ["8.17", "5.47", "8.17"]
+    assert rows["forward_kl"] == ["0.42", "", "0.42"] and rows["jsd"] == ["0.081", "", "0.081"]
+    assert rows["length difference mean (student - teacher)"] == ["6.5", "", "n/a"]
+    assert rows["EOS rate"] == ["0.5", "0.75", "n/a"]
+    assert "no text evaluation" in p.page.inner_text("#sec-text-eval") and "chain" in p.page.inner_text("#sec-text-eval")
+    samples = p.page.inner_text("#samples")
+    assert "the <i>cat</i>" in samples and "sat down" in samples  # the teacher's continuation, shown literally
 
 
 def test_report_of_a_real_training_run(tiny_tree, tmp_path, open_page):
