@@ -17,9 +17,11 @@ the backward), attention's quadratic term left out; null where the parameter cou
 unknown (a teacher behind a server).
 """
 
+import math
 from pathlib import Path
 
 from distill import rundir
+from distill.errors import DistillError
 from distill.paths import atomic_write_json, read_json
 
 
@@ -36,15 +38,22 @@ def record_phase(path: Path, phase: str, add: dict | None = None, totals: dict |
     """
     path = Path(path)
     tree = read_json(path, "budget file") if path.exists() else {"phases": {}}
-    record = tree["phases"].setdefault(phase, {"records": 0})
-    record["records"] += 1  # a run records at each checkpoint, a cache at each shard
+    phases = tree.get("phases") if isinstance(tree, dict) else None
+    if not isinstance(phases, dict) or not all(isinstance(r, dict) for r in phases.values()):
+        raise DistillError(f"{path}: not a budget file (no mapping of phases to records); move it aside and rerun")
+    record = phases.setdefault(phase, {"records": 0})
+    record["records"] = (record["records"] if _is_number(record.get("records")) else 0) + 1  # per checkpoint / shard
     for key, value in (add or {}).items():
         old = record.get(key, 0)
-        record[key] = None if old is None or value is None else old + value
+        record[key] = old + value if _is_number(old) and _is_number(value) else None  # unknown stays unknown
     record.update(totals or {})
     summarize(tree)
     atomic_write_json(path, tree)
     return tree
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def summarize(tree: dict) -> dict:
@@ -55,12 +64,12 @@ def summarize(tree: dict) -> dict:
     tree["total"] = {}
     for key in ("seconds", "flops", "tokens"):
         values = [p.get(key) for p in phases.values()]
-        tree["total"][key] = None if any(v is None for v in values) else sum(values)
+        tree["total"][key] = sum(values) if all(_is_number(v) for v in values) else None
     for record in phases.values():
         for key in ("seconds", "flops"):
             total = tree["total"][key]
             value = record.get(key)
-            record[f"share_{key}"] = value / total if total and value is not None else None
+            record[f"share_{key}"] = value / total if total and _is_number(value) else None
     return tree
 
 
@@ -70,22 +79,25 @@ def copy_phase(source: Path, phase: str, target: Path) -> bool:
     source = Path(source)
     if not source.is_file():
         return False
-    record = read_json(source, "budget file").get("phases", {}).get(phase)
-    if record is None:
+    tree = read_json(source, "budget file")
+    phases = tree.get("phases") if isinstance(tree, dict) else None
+    record = phases.get(phase) if isinstance(phases, dict) else None
+    if not isinstance(record, dict):
         return False
     copied = {k: v for k, v in record.items() if not k.startswith("share_")}
     record_phase(target, phase, totals=copied)
     return True
 
 
-def record_training(
-    run_dir: Path, cfg, student_params: int, teacher_params: int | None, tokens: int, seconds: float, teacher_s: float
-) -> dict:
-    """The training phases of one (possibly resumed) run, added to RUN/budget.json.
+def record_training(run_dir: Path, cfg, student_params: int, teacher_params: int | None, totals: dict) -> dict:
+    """The training phases of a (possibly resumed) run, written to RUN/budget.json as totals.
 
-    student_training: tokens seen, 6 x params x tokens FLOPs (forward and backward), the
-    loop's seconds less the teacher's; teacher_scoring (a live teacher): the same tokens,
-    2 x teacher params x tokens, the teacher's forward seconds. Also copies
+    totals: the run's work so far over all its segments (`training_totals`): tokens,
+    seconds (the loop's, less the teacher's), teacher_s, records. student_training: the
+    tokens, 6 x params x tokens FLOPs (forward and backward), the seconds; teacher_scoring
+    (a live teacher): the same tokens, 2 x teacher params x tokens, the teacher's seconds.
+    A checkpoint carries the totals through its step, so a resume writes them again and a
+    kill between a checkpoint and this record loses nothing. Also copies
     teacher_generation from a `distill generate` folder holding data.source, and
     teacher_caching from cfg.teacher_cache.
     """
@@ -95,8 +107,42 @@ def record_training(
         copy_phase(source.parent / rundir.BUDGET, "teacher_generation", path)
     if cfg.teacher_cache is not None:
         copy_phase(Path(cfg.teacher_cache) / rundir.BUDGET, "teacher_caching", path)
+    tokens, records = totals["tokens"], totals["records"]
     if teacher_params is not None:
-        add = {"tokens": tokens, "flops": forward_flops(teacher_params, tokens), "seconds": teacher_s}
-        record_phase(path, "teacher_scoring", add=add)
-    add = {"tokens": tokens, "flops": 6.0 * student_params * tokens, "seconds": seconds - teacher_s}
-    return record_phase(path, "student_training", add=add)
+        scoring = {"tokens": tokens, "flops": forward_flops(teacher_params, tokens), "seconds": totals["teacher_s"]}
+        record_phase(path, "teacher_scoring", totals={**scoring, "records": records})
+    training = {"tokens": tokens, "flops": 6.0 * student_params * tokens, "seconds": totals["seconds"], "records": records}
+    return record_phase(path, "student_training", totals=training)
+
+
+def training_totals(run_dir: Path, saved=None) -> dict:
+    """The run's training totals so far: `saved` (what a checkpoint's state.json carries)
+    when it is a mapping of numbers, else what RUN/budget.json holds (a checkpoint written
+    before checkpoints carried their own): tokens, seconds, teacher_s, records. A value that
+    is not a number (a hand-edited file) counts as 0."""
+
+    def number(value, kind=float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+        return kind(value) if ok else kind(0)
+
+    keys = ("tokens", "seconds", "teacher_s", "records")
+    if isinstance(saved, dict) and all(k in saved for k in keys):
+        tree = saved
+    else:
+        path = Path(run_dir) / rundir.BUDGET
+        phases = read_json(path, "budget file").get("phases", {}) if path.is_file() else {}
+        phases = phases if isinstance(phases, dict) else {}
+        student, teacher = phases.get("student_training") or {}, phases.get("teacher_scoring") or {}
+        student, teacher = (p if isinstance(p, dict) else {} for p in (student, teacher))
+        tree = {
+            "tokens": student.get("tokens"),
+            "seconds": student.get("seconds"),
+            "teacher_s": teacher.get("seconds"),
+            "records": student.get("records"),
+        }
+    return {
+        "tokens": number(tree["tokens"], int),
+        "seconds": number(tree["seconds"]),
+        "teacher_s": number(tree["teacher_s"]),
+        "records": number(tree["records"], int),
+    }

@@ -1,16 +1,22 @@
 """The `distill` command line. User errors print one line and exit non-zero, no traceback."""
 
+import errno
 import json
 import sys
+import traceback
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from distill import rundir
-from distill.errors import ConfigError, DistillError
+from distill.errors import ConfigError, DistillError, printable
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Knowledge distillation of language models.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Knowledge distillation of language models. A failure prints one line; add --debug anywhere for its traceback.",
+)
 
 
 @app.command()
@@ -192,19 +198,35 @@ def latents(
 def student(
     teacher: Annotated[str, typer.Option("--from", help="Teacher: hub id, folder, .gguf or packaged alias.")],
     out: Annotated[str, typer.Option(help="Folder to write the student to (must not exist).")],
-    layers: Annotated[int | None, typer.Option(help="Keep this many teacher layers, spread evenly (first and last kept).")] = None,
+    layers: Annotated[int | None, typer.Option(help="Keep this many teacher layers: spread evenly, or by importance.")] = None,
     every: Annotated[int | None, typer.Option(help="Keep teacher layers 0, k, 2k, ...")] = None,
     keep: Annotated[str | None, typer.Option(help="Keep these teacher layers: '0,4,8,12'.")] = None,
-    hidden_size: Annotated[int | None, typer.Option(help="Narrower hidden size (random init).")] = None,
-    intermediate_size: Annotated[int | None, typer.Option(help="Narrower MLP size (random init).")] = None,
-    heads: Annotated[int | None, typer.Option(help="Attention heads (random init).")] = None,
-    kv_heads: Annotated[int | None, typer.Option(help="Key-value heads (random init).")] = None,
+    hidden_size: Annotated[int | None, typer.Option(help="Narrower hidden size (random init, or cut with --prune).")] = None,
+    intermediate_size: Annotated[int | None, typer.Option(help="Narrower MLP size (random init, or cut with --prune).")] = None,
+    heads: Annotated[int | None, typer.Option(help="Attention heads (random init, or cut with --prune).")] = None,
+    kv_heads: Annotated[int | None, typer.Option(help="Key-value heads (random init, or cut with --prune).")] = None,
     config: Annotated[str | None, typer.Option(help="A transformers config JSON (another family; random init).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of a random init.")] = 0,
+    prune: Annotated[bool, typer.Option("--prune", help="Cut the student from the teacher by measured importance.")] = False,
+    params: Annotated[str | None, typer.Option(help="--prune to this many parameters, e.g. 60M.")] = None,
+    calibration: Annotated[str | None, typer.Option(help="--prune: JSONL rows to measure on (default: built-in).")] = None,
+    calibration_rows: Annotated[int | None, typer.Option(help="--prune: calibration rows (default 256).")] = None,
 ):
-    """Make a smaller student from a teacher: layer drop, narrower, or another family."""
+    """Make a smaller student from a teacher: layer drop, narrower, another family, or pruned by importance."""
     from distill.models.students import make_student
 
+    if prune:
+        from distill.models.pruning import make_pruned_student
+
+        if every is not None or keep is not None or config is not None:
+            raise DistillError("--prune chooses the layers by importance: give --layers N, not --every, --keep or --config")
+        record = make_pruned_student(
+            teacher, out, layers, hidden_size, intermediate_size, heads, kv_heads, params, calibration, calibration_rows
+        )
+        typer.echo(json.dumps(record, indent=2))
+        return
+    if params is not None or calibration is not None or calibration_rows is not None:
+        raise DistillError("--params, --calibration and --calibration-rows go with --prune")
     kept = None
     if keep is not None:
         try:
@@ -217,32 +239,74 @@ def student(
 
 @app.command()
 def demo(
-    out: Annotated[str, typer.Option(help="Where the demo's runs go.")] = "distill-demo",
+    out: Annotated[str | None, typer.Option(help="Where the runs go (default distill-demo, or distill-demo-real).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the students' training.")] = 0,
-    task: Annotated[str, typer.Option(help="grammar (KL to the true distribution) or chain (reasoning accuracy).")] = "grammar",
+    task: Annotated[str | None, typer.Option(help="grammar (KL to the true distribution; default) or chain (accuracy).")] = None,
+    real: Annotated[bool, typer.Option("--real", help="SmolLM2-135M-Instruct and its 10-layer student.")] = False,
+    steps: Annotated[int | None, typer.Option(min=1, help="Optimizer steps per student (--real only; default 100).")] = None,
 ):
     """Offline end-to-end demo: teacher, logit-KD student, label-only student, a table, the gain and report.html."""
+    if real:
+        if task is not None:
+            raise ConfigError("--real trains on its own text (CPython prose); drop --task")
+        from distill.pipeline.demo_real import RealDemo, run_real_demo
+
+        settings = RealDemo() if steps is None else RealDemo(steps=steps)
+        run_real_demo(Path(out or "distill-demo-real"), seed=seed, settings=settings)
+        return
+    if steps is not None:
+        raise ConfigError("--steps sets the students' steps of --real only; the other demos use their packaged configs")
     from distill.pipeline.demo import run_demo
 
-    run_demo(Path(out), seed=seed, task_name=task)
+    run_demo(Path(out or "distill-demo"), seed=seed, task_name=task or "grammar")
+
+
+DEBUG_FLAG = "--debug"  # anywhere on the command line: a failure also prints its traceback
+
+
+def _fail(message: str, code: int, debug: bool) -> None:
+    """One line on stderr (control characters and escape sequences made harmless), then exit;
+    with --debug the traceback first."""
+    if debug:
+        traceback.print_exc()
+    print(f"error: {printable(message)}", file=sys.stderr)
+    sys.exit(code)
+
+
+def _os_error(e: OSError) -> str:
+    """An OSError the user's machine caused (read-only folder, full disk) in one line."""
+    where = f"{e.filename}: " if e.filename else ""
+    why = e.strerror or type(e).__name__
+    hint = " (free some space, then resume: train --resume, or rerun generate / cache)" if e.errno == errno.ENOSPC else ""
+    return f"{where}{why}{hint}"
 
 
 def main() -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # our own progress display is enough
+    debug = DEBUG_FLAG in sys.argv[1:]
+    if debug:
+        sys.argv = [a for a in sys.argv if a != DEBUG_FLAG]
     try:
         code = app(standalone_mode=False)
     except DistillError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(e.exit_code)
+        _fail(str(e), e.exit_code, debug)
     except (typer.Abort, KeyboardInterrupt):
+        if debug:
+            traceback.print_exc()
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    except OSError as e:  # a read-only out_dir, a full disk, a vanished file
+        _fail(_os_error(e), 1, debug)
+    except MemoryError:
+        _fail("out of memory (a batch size, row length or model too large for this machine?)", 1, debug)
     except Exception as e:  # usage errors (unknown option, missing argument) arrive here
         # They are click's ClickException, or the same class from the click that newer typer
         # vendors (typer._click): recognised by what they offer, not by their module.
         if callable(getattr(e, "show", None)) and isinstance(getattr(e, "exit_code", None), int):
+            if isinstance(getattr(e, "message", None), str):
+                e.message = printable(e.message)  # it quotes the user's arguments
             e.show()
             sys.exit(e.exit_code)
         raise

@@ -11,6 +11,12 @@ told to misbehave: each entry of `faults` is used by one request, in order:
     "drop"  close the connection without a reply
     "slow"  reply after `slow_s` seconds (past a short client timeout)
     "401"   Unauthorized (not retryable)
+    "drip"  a 200 reply whose body comes one byte every `drip_s` seconds
+    "echo"  501 (stops the run) whose error body echoes the request's Authorization header
+            and carries terminal escape sequences, as a careless gateway might; "echo400"
+            the same as a 400 (the prompt's row records the error)
+    "usage_str" / "usage_list"   a 200 reply whose usage is a string / a list
+    "no_content"                 a 200 reply with no message content
 """
 
 import json
@@ -26,9 +32,12 @@ from distill.training.rollout import Sampling, rollout
 
 
 class ChatServer:
-    def __init__(self, model, tokenizer, api_key: str | None = None, delay_s: float = 0.0, slow_s: float = 3.0):
+    def __init__(
+        self, model, tokenizer, api_key: str | None = None, delay_s: float = 0.0, slow_s: float = 3.0, drip_s: float = 0.2
+    ):
         self.model, self.tokenizer = model, tokenizer
-        self.api_key, self.delay_s, self.slow_s = api_key, delay_s, slow_s
+        self.api_key, self.delay_s, self.slow_s, self.drip_s = api_key, delay_s, slow_s, drip_s
+        self.dripped = 0  # body bytes the "drip" fault got out before the client hung up
         self.faults: deque[str] = deque()
         self.requests: list[dict] = []  # {"headers", "body", "fault"}
         self.lock = threading.Lock()
@@ -82,6 +91,22 @@ class ChatServer:
         handler.end_headers()
         handler.wfile.write(data)
 
+    def drip(self, handler) -> None:
+        """A valid reply, one byte every drip_s seconds (a stalled gateway, a slowloris)."""
+        data = json.dumps({"choices": [{"message": {"role": "assistant", "content": "x" * 200}, "finish_reason": "stop"}]})
+        handler.send_response(200)
+        handler.send_header("Content-Type", "application/json")
+        handler.send_header("Content-Length", str(len(data)))
+        handler.end_headers()
+        try:
+            for byte in data.encode():
+                handler.wfile.write(bytes([byte]))
+                handler.wfile.flush()
+                self.dripped += 1
+                time.sleep(self.drip_s)
+        except OSError:  # the client gave up
+            pass
+
     def handle(self, handler, body: dict, fault: str | None) -> None:
         if handler.path != "/v1/chat/completions":
             return self.reply(handler, 404, {"error": {"message": f"no route {handler.path}"}})
@@ -97,6 +122,20 @@ class ChatServer:
             return self.reply(handler, 400, {"error": {"message": "prompt too long"}})
         if fault == "slow":
             time.sleep(self.slow_s)
+        if fault == "drip":
+            return self.drip(handler)
+        if fault in ("echo", "echo400"):  # a plain-text body with raw escape bytes in it
+            auth = handler.headers.get("Authorization", "")
+            data = f"\x1b[2J\x1b]0;pwned\x07bad gateway \x9b31m; you sent {auth}\r\nretry later".encode()
+            handler.send_response(501 if fault == "echo" else 400)
+            handler.send_header("Content-Type", "text/plain; charset=utf-8")
+            handler.send_header("Content-Length", str(len(data)))
+            handler.end_headers()
+            return handler.wfile.write(data)
+        if fault in ("usage_str", "usage_list", "no_content"):
+            usage = "n/a" if fault == "usage_str" else [1, 2]
+            message = {"role": "assistant"} if fault == "no_content" else {"role": "assistant", "content": "1+1=2#2"}
+            return self.reply(handler, 200, {"choices": [{"message": message, "finish_reason": "stop"}], "usage": usage})
         if fault == "401" or (self.api_key and handler.headers.get("Authorization") != f"Bearer {self.api_key}"):
             return self.reply(handler, 401, {"error": {"message": "invalid api key"}})
         time.sleep(self.delay_s)

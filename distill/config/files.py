@@ -13,7 +13,8 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from distill.config.schema import RunConfig
-from distill.errors import ConfigError
+from distill.errors import ConfigError, printable
+from distill.paths import MAX_YAML_BYTES, load_yaml, read_text
 
 
 def _valid_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
@@ -39,10 +40,10 @@ def _explain(err: ValidationError, source: str) -> str:
         return f"{source}: missing required key '{path}'"
     got = e.get("input")
     where = f"'{path}': " if path else ""
-    msg = e["msg"].removeprefix("Value error, ")
+    msg = printable(e["msg"].removeprefix("Value error, "), 300)
     if e["type"] == "value_error" or isinstance(got, dict):
         return f"{source}: {where}{msg}"
-    return f"{source}: {where}expected {msg.lower().removeprefix('input should be ')}, got {got!r}"
+    return f"{source}: {where}expected {msg.lower().removeprefix('input should be ')}, got {printable(repr(got), 200)}"
 
 
 def apply_override(tree: dict, dotted: str) -> None:
@@ -54,7 +55,7 @@ def apply_override(tree: dict, dotted: str) -> None:
     if not all(parts):
         raise ConfigError(f"override '{dotted}' has an empty key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = load_yaml(raw, f"override '{key}'", ConfigError) if raw.strip() else None
     except yaml.YAMLError:
         value = raw
     node = tree
@@ -69,11 +70,13 @@ def apply_override(tree: dict, dotted: str) -> None:
 
 
 def read_yaml(path: str | Path) -> dict:
+    """A config file's tree: UTF-8, at most MAX_YAML_BYTES, bounded nesting and alias
+    expansion (`distill.paths.load_yaml`); every problem a ConfigError naming the file."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        tree = yaml.safe_load(path.read_text())
+        tree = load_yaml(read_text(path, "config file", MAX_YAML_BYTES, ConfigError), str(path), ConfigError)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)

@@ -5,6 +5,7 @@ one-line error messages are in `distill.config.files`.
 """
 
 import re
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import (
@@ -22,9 +23,55 @@ from distill.errors import ConfigError
 from distill.eval.gates import METRICS as GATE_METRICS
 from distill.eval.gates import parse_gate
 
+# Sizes of an inline model config that must be positive integers when given.
+_POSITIVE_SIZES = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "max_position_embeddings",
+)
+
+
+def check_inline_model_config(config: dict[str, Any]) -> None:
+    """Build an inline config as its transformers config class (transformers imported only
+    here); raises ValueError naming what is wrong."""
+    model_type = config.get("model_type")
+    if not isinstance(model_type, str):
+        # pydantic turns a ValueError (not a TypeError) into the one-line config error
+        raise ValueError("an inline model config needs a 'model_type' string (llama, qwen2, ...)")  # noqa: TRY004
+    for key in _POSITIVE_SIZES:
+        value = config.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{key} must be a positive integer, got {value!r}")
+    from transformers import AutoConfig
+
+    kwargs = {k: v for k, v in config.items() if k != "model_type"}
+    try:
+        AutoConfig.for_model(model_type, **kwargs)
+    except Exception as e:  # noqa: BLE001 (its validators raise their own exception types)
+        text = str(e.__cause__ or e).strip().splitlines()
+        if isinstance(e, KeyError) or (text and "Unrecognized model identifier" in text[0]):
+            raise ValueError(f"unknown model_type {model_type!r}") from None
+        raise ValueError(f"not a valid {model_type} config ({text[0] if text else type(e).__name__})") from None
+
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
+    # No NaN or infinity anywhere: every float of a run config is a finite setting.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_nul(cls, data):
+        """No setting holds a NUL character (no file name can; the OS would raise)."""
+        if isinstance(data, dict):
+            for key, value in data.items():
+                if isinstance(value, str) and "\x00" in value:
+                    raise ValueError(f"{key} holds a NUL character, which no file name or setting may")
+        return data
 
 
 class ModelConfig(Section):
@@ -47,24 +94,58 @@ class ModelConfig(Section):
             raise ValueError("give exactly one of 'name' (hub id, folder or .gguf) or 'config' (inline)")
         return self
 
+    @field_validator("config")
+    @classmethod
+    def _valid_inline_config(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        """Built as its transformers config class now, so a bad inline config stops here."""
+        if value is not None:
+            check_inline_model_config(value)
+        return value
+
 
 class DataConfig(Section):
     source: str = "builtin:chain"
-    """'builtin:chain' (the built-in task) or a JSONL file of {"prompt", "completion"} rows."""
+    """'builtin:chain' (the built-in task) or a JSONL file of {"prompt", "completion"} rows
+    ({"text"} rows: a completion with no prompt)."""
     eval_source: str | None = None
-    """For JSONL data: a held-out JSONL file (the built-in task has its own test split)."""
+    """For JSONL data: a held-out JSONL file (the built-in task has its own test split). Unset
+    with {"text"} rows: 5% of the rows are held out by a hash of their text (at least one)."""
     seed: int = 0
     """Seed of the built-in task's problems and splits."""
-    n_train: int = 20000
+    n_train: int = Field(20000, ge=1)
     """Training problems generated for the built-in task."""
-    n_test: int = 500
-    """Held-out problems for evaluation."""
-    min_ops: int = 3
+    n_test: int = Field(500, ge=0)
+    """Held-out problems (or held-out rows, at most) for evaluation."""
+    min_ops: int = Field(3, ge=1)
     """Fewest operations in a built-in problem."""
-    max_ops: int = 6
-    """Most operations in a built-in problem."""
-    max_length: int = 512
-    """Longest tokenized example; longer rows are an error naming the row."""
+    max_ops: int = Field(6, ge=1, le=1000)
+    """Most operations in a built-in problem (at least min_ops)."""
+    max_length: int = Field(512, ge=2)
+    """Longest tokenized row, and the block length of packing; a longer row is an error
+    naming the row (unless truncate)."""
+    truncate: bool = False
+    """Cut a row longer than max_length to its first max_length tokens (it then has no EOS)
+    instead of stopping with an error naming the row."""
+    packing: bool | None = None
+    """Pack whole tokenized rows (each ending in EOS) into blocks of up to max_length tokens,
+    with attention and positions restarting at every row, so no token sees another row and
+    every target is counted once, as in the row alone. null: on for {"text"} rows (no
+    prompt: pre-training-style data), off for prompt/completion rows and built-in tasks, and
+    off with on_policy or rationale.mode=multitask, which need whole rows."""
+
+    @field_validator("eval_source")
+    @classmethod
+    def _eval_source_exists(cls, value: str | None) -> str | None:
+        """Checked now: evaluation reads it only after the whole training run."""
+        if value is not None and not value.startswith("builtin:") and not Path(value).is_file():
+            raise ValueError(f"file not found: {value!r} (the held-out rows evaluation reads after training)")
+        return value
+
+    @model_validator(mode="after")
+    def _ops_range(self):
+        if self.min_ops > self.max_ops:
+            raise ValueError(f"min_ops={self.min_ops} is above max_ops={self.max_ops}; give min_ops <= max_ops")
+        return self
 
 
 class ObjectiveConfig(Section):
@@ -133,31 +214,38 @@ class TrainConfig(Section):
     """Micro-batches per optimizer step on each process."""
     lr: float = Field(3e-3, gt=0.0)
     """Peak learning rate of AdamW."""
-    min_lr_ratio: float = 0.1
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
     """The cosine schedule ends at lr * min_lr_ratio."""
-    warmup_steps: int = 20
+    warmup_steps: int = Field(20, ge=0)
     """Linear warmup steps before the cosine decay."""
-    weight_decay: float = 0.01
+    weight_decay: float = Field(0.01, ge=0.0)
     """AdamW weight decay."""
     betas: tuple[float, float] = (0.9, 0.98)
-    """AdamW betas."""
+    """AdamW betas, each in [0, 1)."""
     fused_optimizer: bool = False
     """AdamW as one fused kernel over all parameters (CPU and CUDA) instead of torch's
     default multi-tensor one: about 4x faster optimizer steps on a 64M-parameter student on
     CPU. Results differ from the default in the last bits, which on unstable runs (the
     demo's KD student) can decide the outcome."""
-    max_grad_norm: float | None = 1.0
-    """Gradient clipping norm; null turns clipping off."""
+    max_grad_norm: float | None = Field(1.0, gt=0.0)
+    """Gradient clipping norm (> 0); null turns clipping off."""
     precision: Literal["fp32", "bf16"] = "fp32"
     """Autocast precision of the forward passes (weights and optimizer stay fp32)."""
-    seed: int = 0
-    """Seed of initialisation, data order and sampling."""
+    seed: int = Field(0, ge=0, le=2**32 - 1)
+    """Seed of initialisation, data order and sampling (0 to 2**32 - 1)."""
     device: Literal["auto", "cpu"] = "auto"
     """'auto': the accelerator when there is one (CUDA), else CPU; 'cpu' forces CPU."""
     checkpoint_every: int = Field(0, ge=0)
     """Save a checkpoint every N steps (0: only at the end)."""
     keep_checkpoints: int = Field(2, ge=1)
     """How many recent checkpoints to keep."""
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_range(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not all(0.0 <= b < 1.0 for b in value):
+            raise ValueError(f"each beta must be in [0, 1), got {list(value)}")
+        return value
 
 
 class LayerPair(Section):
@@ -252,9 +340,9 @@ class RationaleConfig(Section):
 
 
 class EvalConfig(Section):
-    max_new_tokens: int = 48
+    max_new_tokens: int = Field(48, ge=1)
     """Tokens generated per held-out prompt (greedy)."""
-    batch_size: int = 128
+    batch_size: int = Field(128, ge=1)
     """Prompts generated at once."""
     answer_format: str = "auto"
     """Where the answer is in a generation (`distill.eval.answers`): auto, gsm8k, boxed,
@@ -271,6 +359,12 @@ class EvalConfig(Section):
     not checked (the built-in task checks its own format: steps, '#', one digit)."""
     format_json_schema: dict[str, Any] | None = None
     """A JSON schema every generation should parse as and validate against (format adherence)."""
+    text_prompt_tokens: int = Field(32, ge=1)
+    """{"text"} rows: the first this many tokens of a held-out row (at most half of it) are
+    the prompt both models continue greedily for the generation-length drift."""
+    text_generations: int = Field(64, ge=0)
+    """{"text"} rows: how many held-out rows give a prompt for the generation-length drift
+    (each generates up to max_new_tokens); 0 leaves generation out."""
 
     @field_validator("answer_format")
     @classmethod
@@ -352,7 +446,7 @@ class RunConfig(Section):
     loaded. A cache of another tokenizer, dataset or temperature is refused."""
     gates: GatesConfig = GatesConfig()
     """Release gates on the evaluation's metrics (`distill eval --gates`)."""
-    out_dir: str = "runs/run"
+    out_dir: str = Field("runs/run", min_length=1)
     """The run directory."""
 
     @model_validator(mode="after")
@@ -365,6 +459,14 @@ class RunConfig(Section):
             raise ValueError("features.weight > 0 needs the live teacher's hidden states; a teacher_cache holds logits only")
         if self.teacher_cache is not None and self.rationale.mode != "completion":
             raise ValueError("a teacher_cache covers the rows' completions; rationale.mode must be 'completion' with it")
+        if self.on_policy.lmbda > 0 or self.rationale.mode == "multitask":
+            if self.data.packing:
+                why = "on_policy.lmbda > 0 samples completions of whole prompts"
+                if self.on_policy.lmbda == 0:
+                    why = "rationale.mode=multitask trains two tasks aligned row by row"
+                raise ValueError(f"data.packing=true packs rows into blocks, but {why}; set data.packing=false")
+            if self.data.packing is None:
+                self.data.packing = False  # null resolves to whole rows here
         if self.on_policy.lmbda > 0:
             if self.teacher is None or self.objective.alpha == 0:
                 raise ValueError("on_policy.lmbda > 0 needs a live 'teacher' and objective.alpha > 0 to score the samples")

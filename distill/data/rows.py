@@ -1,11 +1,14 @@
 """Datasets as (prompt, completion) rows, tokenized with the prompt masked out of the loss.
 
 Sources: the built-in task (`builtin:chain`) or a JSONL file of {"prompt", "completion"}
-rows ({"text"} alone is a completion with an empty prompt). The order of examples is a
-pure function of (seed, step), so a resumed or multi-process run sees exactly the batches
-an uninterrupted single-process run would.
+rows ({"text"} alone is a completion with an empty prompt). A JSONL file of text rows with
+no held-out file is split by a hash of each row's text (`text_split`). The order of
+examples is a pure function of (seed, step), so a resumed or multi-process run sees
+exactly the batches an uninterrupted single-process run would.
 """
 
+import dataclasses
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,40 +69,118 @@ def load_rows(source: str, split: str, n: int, seed: int, min_ops: int, max_ops:
     return read_jsonl(source)
 
 
+def is_text(rows: list[Row]) -> bool:
+    """True for plain-text rows: every row has an empty prompt (a {"text"} row)."""
+    return bool(rows) and all(not r.prompt for r in rows)
+
+
+HELDOUT_SHARE = 0.05  # of text rows held out for evaluation when there is no data.eval_source
+
+
+def _text_hash(row: Row) -> float:
+    """A row's place in [0, 1), from the sha256 of its text alone (not its position)."""
+    return int(hashlib.sha256((row.prompt + row.completion).encode()).hexdigest()[:16], 16) / 2**64
+
+
+def text_split(rows: list[Row], share: float = HELDOUT_SHARE) -> tuple[list[Row], list[Row]]:
+    """(train, held-out): a row is held out when the hash of its text falls below `share`.
+
+    A row's split depends on its text only, so adding rows never moves another row, and
+    equal texts share a split. When no row falls below `share` and there are two or more
+    rows, the row with the smallest hash is held out (at least one held-out row).
+    """
+    places = [_text_hash(r) for r in rows]
+    held = [p < share for p in places]
+    if not any(held) and len(rows) > 1:
+        lowest = min(places)
+        held = [p == lowest for p in places]
+    return [r for r, h in zip(rows, held) if not h], [r for r, h in zip(rows, held) if h]
+
+
 @dataclass(frozen=True)
 class Example:
     input_ids: list[int]
     labels: list[int]  # IGNORE_INDEX on prompt tokens
+    position_ids: list[int] | None = None  # packed blocks only: 0 at each document's first token
 
 
-def tokenize_rows(rows: list[Row], tokenizer, max_length: int, source: str = "data") -> list[Example]:
-    """prompt + completion + EOS; the loss falls on completion and EOS only."""
+MAX_CHARS_PER_TOKEN = 64  # no tokenizer averages more over a row: a longer row is surely over max_length
+
+
+def bounded_rows(rows: list[Row], max_length: int, source: str, truncate: bool) -> list[Row]:
+    """Rows whose text is too long for `max_length` tokens at MAX_CHARS_PER_TOKEN characters
+    a token, caught by character count before tokenizing: an error naming the row, or with
+    `truncate` the text cut to that many characters (tokenizing then cuts it to max_length)."""
+    limit = max_length * MAX_CHARS_PER_TOKEN
+    out = list(rows)
+    for i, r in enumerate(rows):
+        chars = len(r.prompt) + len(r.completion)
+        if chars <= limit:
+            continue
+        if not truncate:
+            raise DistillError(
+                f"{source}: row {i + 1} has {chars:,} characters, more than data.max_length={max_length} tokens can "
+                f"hold (checked before tokenizing; data.truncate=true cuts such rows)"
+            )
+        out[i] = dataclasses.replace(r, prompt=r.prompt[:limit], completion=r.completion[: max(limit - len(r.prompt), 1)])
+    return out
+
+
+def tokenize_rows(rows: list[Row], tokenizer, max_length: int, source: str = "data", truncate: bool = False) -> list[Example]:
+    """prompt + completion + EOS; the loss falls on completion and EOS only.
+
+    A row over `max_length` tokens is an error naming it, or with `truncate` cut to its
+    first `max_length` tokens (it then has no EOS); a row whose prompt alone fills
+    `max_length` would keep no target and is an error either way.
+    """
     eos = tokenizer.eos_token_id
     if eos is None:
         raise DistillError("the tokenizer has no eos_token: completions could never end")
+    if not rows:
+        return []
+    rows = bounded_rows(rows, max_length, source, truncate)  # before tokenizing: a 50 MB row never reaches it
     prompts = tokenizer([r.prompt for r in rows], add_special_tokens=False).input_ids
     completions = tokenizer([r.completion for r in rows], add_special_tokens=False).input_ids
     out = []
     for i, (p, c) in enumerate(zip(prompts, completions)):
-        ids = p + c + [eos]
+        ids, labels = p + c + [eos], [IGNORE_INDEX] * len(p) + c + [eos]
         if len(ids) > max_length:
-            raise DistillError(f"{source}: row {i + 1} is {len(ids)} tokens, over data.max_length={max_length}")
-        out.append(Example(ids, [IGNORE_INDEX] * len(p) + c + [eos]))
+            if not truncate:
+                raise DistillError(
+                    f"{source}: row {i + 1} is {len(ids)} tokens, over data.max_length={max_length} "
+                    f"(data.truncate=true cuts such rows)"
+                )
+            if max(len(p), 1) >= max_length:  # labels[1:] would hold no target
+                raise DistillError(
+                    f"{source}: row {i + 1} has a {len(p)}-token prompt; data.max_length={max_length} leaves no target"
+                )
+            ids, labels = ids[:max_length], labels[:max_length]
+        out.append(Example(ids, labels))
     return out
 
 
 def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest example. Returns input_ids, attention_mask, labels: (B, T)."""
+    """Right-pad to the longest example. Returns input_ids, attention_mask, labels: (B, T),
+    and for packed blocks position_ids (B, T): the pad run counts again from 0, a document
+    of its own that no real token attends to."""
     T = max(len(e.input_ids) for e in examples)
     ids = torch.full((len(examples), T), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), T), IGNORE_INDEX, dtype=torch.long)
     mask = torch.zeros((len(examples), T), dtype=torch.long)
+    packed = examples[0].position_ids is not None
+    if any((e.position_ids is not None) != packed for e in examples):
+        raise ValueError("a batch mixes packed blocks and whole rows")
+    positions = torch.arange(T).repeat(len(examples), 1) if packed else None  # (B, T)
     for i, e in enumerate(examples):
         n = len(e.input_ids)
         ids[i, :n] = torch.tensor(e.input_ids)
         labels[i, :n] = torch.tensor(e.labels)
         mask[i, :n] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        if positions is not None:
+            positions[i, :n] = torch.tensor(e.position_ids)
+            positions[i, n:] -= n
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    return batch | ({"position_ids": positions} if positions is not None else {})
 
 
 def global_batch_indices(step: int, n_examples: int, global_batch: int, seed: int) -> list[int]:

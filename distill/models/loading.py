@@ -12,17 +12,20 @@ import copy
 import hashlib
 import importlib.util
 import os
+import pickle
 import re
 import shutil
+import struct
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from distill.errors import DistillError
-from distill.paths import cache_root
+from distill.paths import cache_root, finish_folder
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # Aliases for model files shipped inside pip packages: alias -> (package, file name).
@@ -31,6 +34,9 @@ _PACKAGED = {
 }
 # A hub id is "name" or "org/name"; anything else that is not on disk is a missing path.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+# What reading a damaged model file raises (truncated safetensors or GGUF, a pickle that
+# weights_only refuses, a shape that does not fit): a one-line DistillError, not a traceback.
+_UNREADABLE = (OSError, ValueError, RuntimeError, EOFError, struct.error, pickle.UnpicklingError, SafetensorError)
 
 
 def _packaged_gguf(alias: str) -> Path:
@@ -110,7 +116,7 @@ def _build_gguf_cache(gguf: Path, folder: Path) -> None:
     """Dequantise a GGUF file into a plain fp32 safetensors folder with its tokenizer."""
     try:
         loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    except (OSError, ValueError) as exc:  # not GGUF, truncated, unsupported architecture
+    except _UNREADABLE as exc:  # not GGUF, truncated, unsupported architecture
         raise DistillError(f"could not read GGUF file {gguf}: {_first_line(exc)}") from None
     # The loaded model's weights are fp32, but it keeps quantization_config (quant_method
     # gguf) and an hf_quantizer, so transformers refuses save_pretrained and training.
@@ -143,6 +149,7 @@ def _build_gguf_cache(gguf: Path, folder: Path) -> None:
         os.chmod(tmp, 0o755)  # mkdtemp makes it owner-only; the cache is an ordinary folder
         fresh.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        finish_folder(tmp)  # the umask's file modes (safetensors writes 0600), on disk before the rename
         try:
             os.rename(tmp, folder)
         except OSError:
@@ -174,8 +181,12 @@ def _from_config(config: dict, dtype: torch.dtype) -> PreTrainedModel:
         raise DistillError(f"unknown model_type {model_type!r} in inline model config") from None
     try:
         return AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
-    except ValueError:
-        raise DistillError(f"model_type {model_type!r} is not a causal language model") from None
+    except ValueError as exc:
+        if "Unrecognized configuration class" in str(exc):
+            raise DistillError(f"model_type {model_type!r} is not a causal language model") from None
+        raise DistillError(f"inline {model_type} config: the model cannot be built ({_first_line(exc)})") from None
+    except (TypeError, KeyError, RuntimeError, AttributeError) as exc:  # a value of the wrong kind (hidden_act: nope)
+        raise DistillError(f"inline {model_type} config: the model cannot be built ({_first_line(exc)})") from None
 
 
 def load_causal_lm(
@@ -215,7 +226,7 @@ def load_causal_lm(
             source = str(_gguf_folder(gguf))
         try:
             model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype)
-        except (OSError, ValueError) as exc:
+        except _UNREADABLE as exc:  # missing or truncated weights, a pickle weights_only refuses, a shape that does not fit
             raise DistillError(f"could not load model {name!r}: {_first_line(exc)}") from None
     # from_pretrained returns eval mode and from_config train mode; make both the same.
     return model.eval()
@@ -246,7 +257,7 @@ def load_tokenizer(name: str | None = None, gguf_file: str | None = None):
             source, kwargs = str(gguf.parent), {"gguf_file": gguf.name}
     try:
         return AutoTokenizer.from_pretrained(source, **kwargs)
-    except (OSError, ValueError) as exc:
+    except _UNREADABLE as exc:
         raise DistillError(f"could not load tokenizer {name!r}: {_first_line(exc)}") from None
 
 

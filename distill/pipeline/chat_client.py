@@ -1,10 +1,18 @@
 """A client for any OpenAI-compatible chat-completions server (vLLM, SGLang, llama.cpp).
 
-Requests go out concurrently (at most `concurrency` in flight), each with a timeout. A 429,
-a 5xx, a dropped connection or a timeout is retried with exponential backoff and jitter
-(a server's Retry-After wins). A 400, 413 or 422 refuses that one request (too long a
-prompt, say): it comes back as an error reply; any other error status stops everything. The API key is read
-from an environment variable, sent as a bearer token and never logged, printed or written.
+Requests go out concurrently (at most `concurrency` in flight), each with a deadline for the
+whole request (connect, send, every byte of the reply: a server that drips its reply does
+not hold a request past it). A 429, a 5xx, a dropped connection, a missed deadline or a
+malformed reply is retried with exponential backoff and jitter (a server's Retry-After
+wins). A 400, 413 or 422 refuses that one request (too long a prompt, say): it comes back
+as an error reply; any other error status stops everything.
+
+Replies are checked field by field: choices[0].message.content must be a string; a
+finish_reason that is not a string, and a usage that is not a mapping of non-negative
+integers, are recorded as unknown (null). The API key is read from an environment
+variable, sent as a bearer token and never logged, printed or written: any server text
+(an error body, a completion) has it replaced by [redacted] before it is shown or stored,
+and error text is stripped of control characters and escape sequences before printing.
 """
 
 import asyncio
@@ -16,7 +24,7 @@ from dataclasses import dataclass
 
 import httpx
 
-from distill.errors import DistillError
+from distill.errors import DistillError, printable
 
 RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
 REFUSED_STATUS = {400, 413, 422}  # this request is refused (too long, bad parameter): an error row, not a stop
@@ -48,18 +56,44 @@ class Reply:
     error: str | None = None  # the server refused this request (REFUSED_STATUS)
 
 
+def _api_key(settings: ServerSettings) -> str | None:
+    return (os.environ.get(settings.api_key_env) or None) if settings.api_key_env else None
+
+
 def _headers(settings: ServerSettings) -> dict[str, str]:
-    key = os.environ.get(settings.api_key_env) if settings.api_key_env else None
+    key = _api_key(settings)
     return {"Authorization": f"Bearer {key}"} if key else {}
 
 
-def _parse(body: dict) -> tuple[str, str | None, int | None, int | None]:
-    choice = body["choices"][0]
-    text = choice["message"]["content"]
-    if not isinstance(text, str):
-        raise TypeError("message.content is not a string")
-    usage = body.get("usage") or {}
-    return text, choice.get("finish_reason"), usage.get("prompt_tokens"), usage.get("completion_tokens")
+def redact(text: str, key: str | None) -> str:
+    """`text` with every occurrence of the API key replaced by [redacted]."""
+    return text.replace(key, "[redacted]") if key else text
+
+
+class MalformedReply(ValueError):
+    """A 200 reply without what a chat completion must hold; names the field."""
+
+
+def _count(usage: dict, name: str) -> int | None:
+    value = usage.get(name)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
+def _parse(body) -> tuple[str, str | None, int | None, int | None]:
+    """(content, finish_reason, prompt_tokens, completion_tokens) of a reply body."""
+    if not isinstance(body, dict):
+        raise MalformedReply(f"the body is a JSON {type(body).__name__}, not an object")
+    choices = body.get("choices")
+    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+        raise MalformedReply("no choices[0]")
+    message = choices[0].get("message")
+    if not isinstance(message, dict) or not isinstance(message.get("content"), str):
+        raise MalformedReply("choices[0].message.content is not a string")
+    finish = choices[0].get("finish_reason")
+    usage = body.get("usage")
+    usage = usage if isinstance(usage, dict) else {}
+    finish = finish if isinstance(finish, str) else None
+    return message["content"], finish, _count(usage, "prompt_tokens"), _count(usage, "completion_tokens")
 
 
 def _retry_after(response: httpx.Response) -> float | None:
@@ -72,25 +106,32 @@ def _retry_after(response: httpx.Response) -> float | None:
 async def complete(client: httpx.AsyncClient, settings: ServerSettings, body: dict, what: str) -> Reply:
     """One chat completion, retried as the module says. `what` names the request in errors."""
     url = settings.base_url.rstrip("/") + "/chat/completions"
+    key = _api_key(settings)
     t0 = time.perf_counter()
     for attempt in range(settings.max_retries + 1):
         wait = None
         try:
-            response = await client.post(url, json=body)
+            # The deadline covers the whole request: httpx's own timeout bounds each read only.
+            response = await asyncio.wait_for(client.post(url, json=body), settings.timeout_s)
+        except TimeoutError:
+            why = f"no complete reply within {settings.timeout_s:g} s"
         except httpx.TransportError as e:  # refused, dropped mid-reply, timed out
             why = f"{type(e).__name__}"
         else:
             if response.status_code == 200:
                 try:
                     text, finish, p_tok, c_tok = _parse(response.json())
-                except (ValueError, KeyError, IndexError, TypeError) as e:
+                except MalformedReply as e:
+                    why = f"a malformed reply ({e})"
+                except (ValueError, RecursionError) as e:  # not JSON, not UTF-8, nested past reading
                     why = f"a malformed reply ({type(e).__name__})"
                 else:
-                    return Reply(text, finish, p_tok, c_tok, time.perf_counter() - t0, attempt)
+                    return Reply(redact(text, key), finish, p_tok, c_tok, time.perf_counter() - t0, attempt)
             elif response.status_code in RETRY_STATUS:
                 why, wait = f"HTTP {response.status_code}", _retry_after(response)
             else:
-                detail = response.text.strip().splitlines()[0][:200] if response.text.strip() else ""
+                lines = redact(response.text, key).strip().splitlines()
+                detail = printable(lines[0], 200) if lines else ""
                 if response.status_code in REFUSED_STATUS:
                     error = f"HTTP {response.status_code} {detail}".rstrip()
                     return Reply("", "error", 0, 0, time.perf_counter() - t0, attempt, error)

@@ -70,6 +70,14 @@ def read_generations(path: Path) -> list[dict]:
         missing = [k for k in ("prompt", "completion") if not isinstance(row.get(k), str)]
         if missing:
             raise DistillError(f"{where}: a generation row needs string {', '.join(map(repr, missing))}")
+        gold = row.get("answer")
+        if isinstance(gold, (int, float)) and not isinstance(gold, bool):
+            row["answer"] = str(gold)  # a numeric gold answer is graded as its text: 42 -> "42"
+        elif gold is not None and not isinstance(gold, str):
+            raise DistillError(f"{where}: 'answer' (the gold answer) must be a string or a number, got {type(gold).__name__}")
+        for key in ("prompt_hash", "finish_reason", "key", "teacher"):
+            if row.get(key) is not None and not isinstance(row[key], str):
+                raise DistillError(f"{where}: {key!r} must be a string, got {type(row[key]).__name__}")
         row.setdefault("prompt_hash", row["prompt"])
         rows.append(row)
     if not rows:
@@ -201,9 +209,30 @@ def summarize(rows, groups, kept, rejected, s: CurateSettings) -> dict:
     }
 
 
+# Files of a `distill generate` folder that curation never writes over.
+GENERATION_FILES = ("generations.jsonl", "generate.json", "budget.json")
+
+
+def check_outputs(source: Path, out: Path) -> None:
+    """Refuse an --out that would overwrite the input (or a generation folder's own files):
+    the curated rows, rejected.jsonl and curation.json all go beside `out`."""
+    source, out = Path(source), Path(out)
+    src = source / "generations.jsonl" if source.is_dir() else source
+    if out.is_dir():
+        raise ConfigError(f"--out {out} is a folder; give the curated rows' file, e.g. {out / 'curated.jsonl'}")
+    for target in (out, out.with_name("rejected.jsonl"), out.with_name("curation.json")):
+        if target.resolve() == src.resolve() or target.name in GENERATION_FILES:
+            raise ConfigError(
+                f"--out {out}: curation would write {target}, which is "
+                f"{'its own input' if target.resolve() == src.resolve() else 'a generation file'}; choose another --out"
+            )
+
+
 def write_curated(source: Path, out: Path, s: CurateSettings) -> dict:
     """Curate the generations at `source` (a file or a `distill generate` folder) into `out`
-    (curated.jsonl), with rejected.jsonl and curation.json beside it."""
+    (curated.jsonl), with rejected.jsonl and curation.json beside it. An `out` that would
+    overwrite the input is refused (`check_outputs`) before anything is read or written."""
+    check_outputs(source, out)
     kept, rejected, summary = curate(read_generations(source), s)
     out = Path(out)
     jsonl = lambda rows: "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)  # noqa: E731

@@ -64,6 +64,8 @@ class GenerateSettings:
 def read_prompts(source: str, n: int | None) -> list[Prompt]:
     """'builtin:chain' (the built-in task's training prompts, with gold answers; n of them)
     or a JSONL file of {"prompt", "answer"?} rows (the first n, if n is given)."""
+    if n is not None and n < 1:
+        raise ConfigError(f"--n {n}: give at least 1 prompt (or leave --n out for every prompt of a file)")
     if source == "builtin:chain":
         if n is None:
             raise ConfigError("--prompts builtin:chain needs --n (how many training prompts)")
@@ -100,11 +102,13 @@ class RowFile:
                 print(f"{self.path}: dropped a half-written last line ({len(data) - len(whole)} bytes)", file=sys.stderr)
                 with open(self.path, "r+b") as f:
                     f.truncate(len(whole))
-            for lineno, line in enumerate(whole.decode().split("\n")[:-1], 1):  # U+2028 is not a line end
+            for lineno, line in enumerate(whole.split(b"\n")[:-1], 1):  # U+2028 is not a line end
                 try:
-                    row = json.loads(line)
+                    row = json.loads(line.decode("utf-8"))
                     key = row["key"]
-                except (json.JSONDecodeError, KeyError, TypeError):
+                    if not isinstance(key, str):
+                        raise TypeError
+                except (ValueError, KeyError, TypeError, RecursionError):  # not UTF-8, not JSON, no key
                     raise DistillError(f"{self.path}:{lineno}: not a generation row; move the file aside") from None
                 self.keys.add(key)
                 self.rows.append(row)
@@ -385,7 +389,8 @@ def token_totals(rows: list[dict], params: int | None) -> dict:
     """Token counts of all rows so far (a server that reports no usage leaves them unknown)."""
     def total(key: str) -> int | None:
         values = [r.get(key) for r in rows]
-        return None if any(v is None for v in values) else sum(values)
+        known = all(isinstance(v, int) and not isinstance(v, bool) for v in values)  # rows of older versions too
+        return sum(values) if known else None
 
     p, c = total("prompt_tokens"), total("completion_tokens")
     tokens = None if p is None or c is None else p + c

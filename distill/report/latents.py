@@ -23,18 +23,18 @@ page (plotly.js inline, the data as JSON in the page, no network):
 `simulate=True` draws the chapter's toy version instead (distill/report/latent_sim.py).
 """
 
-import json
 import math
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from tokenizers import Tokenizer
 
 from distill import rundir
 from distill.errors import DistillError
-from distill.paths import atomic_write_text
+from distill.paths import atomic_write_text, read_json
 from distill.report.latent_page import render
 from distill.report.latent_sim import simulated
 from distill.report.run_states import RunStates
@@ -147,7 +147,16 @@ def _vocab(run: Path) -> dict[int, str] | None:
 
 
 def _load_safetensors(path: Path) -> dict[str, np.ndarray]:
-    return {k: v.float().numpy() for k, v in load_file(str(path)).items()}
+    try:
+        return {k: v.float().numpy() for k, v in load_file(str(path)).items()}
+    except (SafetensorError, OSError) as e:
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise DistillError(f"{path}: unreadable latent snapshot ({why})") from None
+
+
+def _damaged(run: Path, e: Exception) -> DistillError:
+    """A probe record or snapshot without the entries the probe writes: one line, no traceback."""
+    return DistillError(f"{run}: latents/ is damaged ({type(e).__name__}: {e}); the page cannot read it")
 
 
 def read_run(run: Path, pair: dict) -> tuple[RunStates, dict, np.ndarray]:
@@ -159,17 +168,23 @@ def read_run(run: Path, pair: dict) -> tuple[RunStates, dict, np.ndarray]:
             f"{run}: no latent snapshots (latents/ with probe.json, teacher.safetensors and step-*.safetensors); "
             "the latent page needs a run trained with a teacher model and features.probe_examples > 0"
         )
-    meta = json.loads((latents / "probe.json").read_text())
+    meta = read_json(latents / "probe.json", "latent probe record")
     wanted = (pair["student"], pair["teacher"])
-    k = next((i for i, p in enumerate(meta["pairs"]) if (p["student"], p["teacher"]) == wanted), None)
+    try:
+        k = next((i for i, p in enumerate(meta["pairs"]) if (p["student"], p["teacher"]) == wanted), None)
+    except (KeyError, TypeError) as e:
+        raise _damaged(run, e) from None
     if k is None:
         layers = f"student layer {pair['student_layer']} <-> teacher layer {pair['teacher_layer']}"
         raise DistillError(f"{run}: its probe has no layer pair {layers}")
-    teacher = _load_safetensors(latents / "teacher.safetensors")[f"teacher.{pair['teacher']}"]
-    snaps = [_load_safetensors(p) for p in steps]
-    feature = f"projected.{k}" in snaps[0]
-    states = [s[f"projected.{k}"] if feature else s[f"student.{pair['student']}"] for s in snaps]
-    step_numbers = [int(p.stem.split("-")[1]) for p in steps]
+    try:
+        teacher = _load_safetensors(latents / "teacher.safetensors")[f"teacher.{pair['teacher']}"]
+        snaps = [_load_safetensors(p) for p in steps]
+        feature = f"projected.{k}" in snaps[0]
+        states = [s[f"projected.{k}"] if feature else s[f"student.{pair['student']}"] for s in snaps]
+        step_numbers = [int(p.stem.split("-")[1]) for p in steps]
+    except (KeyError, ValueError, IndexError) as e:
+        raise _damaged(run, e) from None
     if not np.isfinite(teacher).all():
         raise DistillError(f"{run}: the teacher's latent states hold NaN or inf; the page cannot place them")
     for step, x in zip(step_numbers, states):
@@ -185,7 +200,10 @@ def read_runs(run_dirs: list[Path], pair: int | None) -> tuple[list[RunStates], 
     first = Path(run_dirs[0]) / rundir.LATENTS / "probe.json"
     if not first.is_file():
         read_run(Path(run_dirs[0]), {})  # raises the missing-latents error
-    pairs = json.loads(first.read_text())["pairs"]
+    pairs = read_json(first, "latent probe record")
+    if not isinstance(pairs, dict) or not isinstance(pairs.get("pairs"), list) or not pairs["pairs"]:
+        raise DistillError(f"{first}: no layer pairs; the probe record is damaged")
+    pairs = pairs["pairs"]
     index = len(pairs) - 1 if pair is None else pair
     if not 0 <= index < len(pairs):
         raise DistillError(f"--pair {pair}: the runs' probe has layer pairs 0..{len(pairs) - 1}")

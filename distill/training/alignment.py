@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 
 from distill import rundir
 from distill.data.rows import Example, collate
-from distill.paths import atomic_write_json
+from distill.paths import atomic_write_json, finish_file
 from distill.training.features import Pair, pair_record
 
 
@@ -128,4 +128,5 @@ def _compact(t: torch.Tensor) -> torch.Tensor:
 def _save(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     save_file({k: _compact(v) for k, v in tensors.items()}, str(tmp))
+    finish_file(tmp)  # the umask's mode (safetensors writes 0600), on disk before the rename
     tmp.replace(path)

@@ -5,11 +5,15 @@ A checkpoint folder `checkpoints/step-N/` holds
     optimizer.safetensors + optimizer.json        the optimizer's tensors / its param groups
     scheduler.json                                the LR scheduler's counters
     rng-R.safetensors + rng-R.json                process R's torch / numpy / python RNG states
-    state.json                                    the step, written last
+    state.json                                    the step, each file's size and the run's
+                                                  budget so far, written last
 
 Nothing here is read with pickle (torch.load, even with weights_only, unpickles): a run
 folder handed over by someone else cannot run code on resume. Files of other names (the
-`.pkl` / `.bin` of accelerate's save_state in older checkpoints) are never opened.
+`.pkl` / `.bin` of accelerate's save_state in older checkpoints) are never opened. Every
+file is flushed to disk before the folder is renamed into place, and so are the run's logs
+up to the checkpoint's step. `checkpoint_problem` tells a damaged checkpoint (a file
+missing, truncated, of another size than state.json says, or not parsing) from a whole one.
 """
 
 import json
@@ -20,11 +24,20 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from distill import rundir
 from distill.errors import DistillError
-from distill.paths import atomic_folder, atomic_write_json, atomic_write_text, publish_folder, read_json, temp_sibling
+from distill.paths import (
+    atomic_folder,
+    atomic_write_json,
+    atomic_write_text,
+    fsync_path,
+    publish_folder,
+    read_json,
+    temp_sibling,
+)
 
 STATE_KEY = re.compile(r"^state\.(\d+)\.(.+)$")
 
@@ -152,27 +165,70 @@ def save_training_state(acc, modules: list, optimizer, scheduler, folder) -> Non
 
 def load_training_state(acc, modules: list, optimizer, scheduler, folder) -> None:
     """The inverse of `save_training_state`; a checkpoint without these files (one written by
-    an older distill with pickled state) is refused, never unpickled."""
+    an older distill with pickled state) is refused, never unpickled, and so is one whose
+    tensors do not fit the run (one line, no traceback)."""
     if not (folder / "optimizer.safetensors").is_file() or not (folder / "scheduler.json").is_file():
         raise DistillError(
             f"{folder}: not a checkpoint this version of distill can read safely (no optimizer.safetensors / "
             "scheduler.json); older checkpoints held pickled state, which is never loaded"
         )
-    load_modules(acc, modules, folder)
-    load_optimizer(optimizer, folder)
-    load_scheduler(scheduler, folder)
-    load_rng(folder, acc.process_index)
+    try:
+        load_modules(acc, modules, folder)
+        load_optimizer(optimizer, folder)
+        load_scheduler(scheduler, folder)
+        load_rng(folder, acc.process_index)
+    except (RuntimeError, ValueError, KeyError, TypeError, IndexError, SafetensorError) as e:
+        text = str(e).strip().splitlines()
+        raise DistillError(f"{folder}: does not fit this run ({text[0] if text else type(e).__name__})") from None
 
 
-def check_run_dir(run_dir: Path, resume: bool) -> None:
-    """Every process checks (a check on one alone would leave the others waiting)."""
-    if not resume and rundir.latest_checkpoint(run_dir) is not None:
-        raise DistillError(f"{run_dir} already holds a run; resume it with --resume {run_dir} or pick another out_dir")
+def checkpoint_files(folder: Path, n_modules: int, n_processes: int) -> list[str]:
+    """The files a resume reads from a checkpoint of `n_modules` trained modules."""
+    names = [module_file(i) for i in range(n_modules)] + ["optimizer.safetensors", "optimizer.json", "scheduler.json"]
+    for rank in range(n_processes):
+        names += [f"rng-{rank}.safetensors", f"rng-{rank}.json"]
+    return names
 
 
-def save_checkpoint(acc, modules: list, optimizer, scheduler, run_dir: Path, step: int, keep: int) -> Path:
+def checkpoint_problem(folder: Path, n_modules: int, n_processes: int) -> str | None:
+    """Why the checkpoint in `folder` cannot be resumed from, or None when it is whole: every
+    file there, of the size state.json recorded, each safetensors header and JSON file
+    parsing. Every process checks every process's files, so all reach the same verdict."""
+    try:
+        state = read_json(folder / rundir.CHECKPOINT_STATE, "checkpoint state")
+        if not isinstance(state, dict) or not isinstance(state.get("step"), int) or isinstance(state["step"], bool):
+            return f"{rundir.CHECKPOINT_STATE} holds no step"
+        sizes = state.get("files") if isinstance(state.get("files"), dict) else {}
+        pickled = any(folder.glob("*.pkl")) or any(folder.glob("*.bin"))
+        if pickled and not (folder / "optimizer.safetensors").is_file():  # planted beside a whole one: never opened
+            return "written by an older distill, with pickled state, which is never loaded"
+        for name in checkpoint_files(folder, n_modules, n_processes):
+            path = folder / name
+            if not path.is_file():
+                return f"{name} is missing"
+            if name in sizes and path.stat().st_size != sizes[name]:
+                return f"{name} is {path.stat().st_size} bytes, {rundir.CHECKPOINT_STATE} says {sizes[name]}"
+            if name.endswith(".safetensors"):
+                try:
+                    with safe_open(str(path), "pt"):
+                        pass
+                except SafetensorError as e:
+                    return f"{name}: {str(e).strip().splitlines()[0] if str(e).strip() else 'unreadable'}"
+            else:
+                read_json(path, "checkpoint file")
+    except (DistillError, OSError) as e:
+        text = str(e).strip().splitlines()
+        return text[0] if text else type(e).__name__
+    return None
+
+
+def save_checkpoint(
+    acc, modules: list, optimizer, scheduler, run_dir: Path, step: int, keep: int, extra: dict | None = None
+) -> Path:
     """`save_training_state` into a temp folder, put in place once complete (an interrupted
-    save leaves no half checkpoint); only the newest `keep` checkpoints stay."""
+    save leaves no half checkpoint; its files and the logs up to `step` are on disk first);
+    only the newest `keep` checkpoints stay. state.json holds the step, each file's size and
+    `extra` (the run's budget so far)."""
     final = rundir.checkpoint_dir(run_dir, step)
     tmp = temp_sibling(final)
     if acc.is_main_process:
@@ -182,7 +238,11 @@ def save_checkpoint(acc, modules: list, optimizer, scheduler, run_dir: Path, ste
     save_training_state(acc, modules, optimizer, scheduler, tmp)
     acc.wait_for_everyone()
     if acc.is_main_process:
-        atomic_write_json(tmp / rundir.CHECKPOINT_STATE, {"step": step})
+        for log in (rundir.METRICS, rundir.ALIGNMENT):  # the records up to this step survive a power cut too
+            if (Path(run_dir) / log).is_file():
+                fsync_path(Path(run_dir) / log)
+        files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
+        atomic_write_json(tmp / rundir.CHECKPOINT_STATE, {"step": step, "files": files, **(extra or {})})
         publish_folder(tmp, final)
         for old in rundir.checkpoints(run_dir)[:-keep]:
             shutil.rmtree(old)
@@ -192,6 +252,11 @@ def save_checkpoint(acc, modules: list, optimizer, scheduler, run_dir: Path, ste
 
 def checkpoint_step(folder: Path) -> int:
     return read_json(folder / rundir.CHECKPOINT_STATE, "checkpoint state")["step"]
+
+
+def checkpoint_state(folder: Path) -> dict:
+    """The checkpoint's state.json (step, file sizes, budget)."""
+    return read_json(folder / rundir.CHECKPOINT_STATE, "checkpoint state")
 
 
 def trim_log(path: Path, last_step: int) -> None:
@@ -207,11 +272,14 @@ def trim_log(path: Path, last_step: int) -> None:
             continue
         try:
             record = json.loads(line)
-        except json.JSONDecodeError:
+            step = record["step"]
+            if not isinstance(step, int):
+                raise TypeError
+        except (ValueError, KeyError, TypeError, RecursionError):
             if all(not rest.strip() for rest in lines[number:]):
                 break  # the torn tail of an interrupted append
-            raise DistillError(f"{path}:{number}: not a JSON record; the run's log is damaged") from None
-        if record["step"] <= last_step:
+            raise DistillError(f"{path}:{number}: not a JSON record with a step; the run's log is damaged") from None
+        if step <= last_step:
             keep.append(line)
     atomic_write_text(path, "".join(line + "\n" for line in keep))
 

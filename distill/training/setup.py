@@ -14,21 +14,21 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
 
-from distill import rundir, seeds
-from distill.config import RunConfig, dump_config
+from distill import seeds
+from distill.config import RunConfig
 from distill.data.build import build_rows, build_task_examples
+from distill.data.packing import check_isolation
 from distill.data.rationale import task_weights
 from distill.data.rows import tokenize_rows
 from distill.errors import DistillError
 from distill.models.build import build_models, build_teacher_cache, output_size
 from distill.models.loading import count_parameters
-from distill.paths import atomic_write_text
 from distill.training.alignment import AlignmentProbe, Probe
 from distill.training.batch_sources import BatchSource, build_batch_source
-from distill.training.checkpoint import check_run_dir, checkpoint_step, load_training_state, trim_log
 from distill.training.features import build_projectors, kept_layers, layer_pairs, num_layers
 from distill.training.objective import LossTerm, build_extra_terms
 from distill.training.on_policy import check_prompts
+from distill.training.resume import open_run_dir, resume_from
 from distill.training.teachers import Teacher, build_teacher_source, use_fused_path
 
 
@@ -110,22 +110,9 @@ def build_probe(cfg: RunConfig, pairs, teacher, tokenizer, run_dir: Path, write:
     rows = build_rows(cfg.data, "test")[: f.probe_examples]
     if not rows:
         return None
-    examples = tokenize_rows(rows, tokenizer, cfg.data.max_length, source="held-out probe")
+    examples = tokenize_rows(rows, tokenizer, cfg.data.max_length, source="held-out probe", truncate=cfg.data.truncate)
     probe = Probe(examples, tokenizer.pad_token_id, f.probe_tokens, f.skip_first_token)
     return AlignmentProbe(probe, pairs, teacher, run_dir, write)
-
-
-def resume_from(acc: Accelerator, run_dir: Path, trained: list, optimizer, scheduler) -> tuple[int, Path]:
-    """Restore the newest checkpoint; records of later steps are dropped (they are redone)."""
-    last = rundir.latest_checkpoint(run_dir)
-    if last is None:
-        raise DistillError(f"{run_dir}: no checkpoint to resume from")
-    load_training_state(acc, trained, optimizer, scheduler, last)
-    start = checkpoint_step(last)
-    if acc.is_main_process:
-        trim_log(run_dir / rundir.METRICS, start)
-        trim_log(run_dir / rundir.ALIGNMENT, start)
-    return start, last
 
 
 def setup(cfg: RunConfig, resume: bool) -> Run:
@@ -142,14 +129,12 @@ def setup(cfg: RunConfig, resume: bool) -> Run:
     projectors = build_projectors(cfg.features, pairs, student, teacher_model)
     task_examples = build_task_examples(cfg, tokenizer)  # one list per task, aligned by row
     examples = task_examples[0]  # the label task: what rollouts, the cache and the probe use
+    if examples and examples[0].position_ids is not None:  # packed: attention must stay inside each row
+        check_isolation({"student": student, **({"teacher": teacher_model} if teacher_model is not None else {})}, examples)
     if cfg.on_policy.lmbda > 0:
         check_prompts(examples, cfg.on_policy.max_new_tokens, cfg.data.max_length)
     cache = build_teacher_cache(cfg, tokenizer, examples, output_size(student))
-    check_run_dir(run_dir, resume)
-    if acc.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run_dir / rundir.CONFIG, dump_config(cfg))
-    acc.wait_for_everyone()
+    open_run_dir(acc, cfg, resume, examples)  # batch vs data, lock, fresh-run / resume checks, config.yaml
 
     params = [*student.parameters(), *(projectors.parameters() if projectors is not None else [])]
     optimizer, scheduler = optimizer_and_schedule(cfg, params)

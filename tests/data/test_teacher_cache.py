@@ -124,7 +124,7 @@ def test_training_from_cache_never_loads_a_teacher(tiny_tree, tmp_path, monkeypa
     [
         (("data", "n_train", 100), "dataset_hash"),
         (("objective", "temperature", 1.0), "temperature"),
-        (("teacher", "config", {"model_type": "llama", "hidden_size": 16}), "teacher"),
+        (("teacher", "config", {"model_type": "llama", "hidden_size": 16, "num_attention_heads": 2}), "teacher"),
     ],
 )
 def test_a_cache_of_another_run_is_refused(tiny_tree, tmp_path, change, key):

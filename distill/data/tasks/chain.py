@@ -19,6 +19,8 @@ import hashlib
 import random
 from dataclasses import dataclass
 
+from distill.errors import ConfigError
+
 OPS = {"+": lambda a, b: (a + b) % 10, "-": lambda a, b: (a - b) % 10, "*": lambda a, b: (a * b) % 10}
 ANSWER_MARK = "#"
 # A well-formed generation: the start digit, steps "<op><digit>=<digit>", '#', one digit.
@@ -66,10 +68,21 @@ def generate_split(split: str, n: int, seed: int = 0, min_ops: int = 3, max_ops:
         raise ValueError(f"split must be train, val or test, got {split!r}")
     rng = random.Random(f"chain:{seed}:{split}")
     out, seen = [], set()
+    # Distinct prompts there are (a start digit, then per operation one of 3 x 10): past
+    # 20 times that many draws in a row with nothing new, the split has no more to give.
+    distinct = sum(10 * 30**k for k in range(min_ops, min(max_ops, 8) + 1)) if max_ops < 9 else 10**13
+    misses = 0
     while len(out) < n:
         p = make_problem(rng, min_ops, max_ops)
         if p.prompt in seen or _split_of(p.prompt, seed) != split:
+            misses += 1
+            if misses > 20 * distinct + 1000:
+                raise ConfigError(
+                    f"data.n_{'train' if split == 'train' else 'test'}={n}: the built-in chain task has only {len(out)} "
+                    f"distinct {split} problems with {min_ops} to {max_ops} operations; raise data.max_ops or ask for fewer"
+                )
             continue
+        misses = 0
         seen.add(p.prompt)
         out.append(p)
     return out
