@@ -1,17 +1,18 @@
-"""The run config: the typed schema (`schema.py`) and how a YAML file becomes one (`files.py`)."""
+"""The run config: the typed schema (`schema.py`, with `base.py`, `model.py`, `evaluation.py`) and how a
+YAML file becomes one (`files.py`)."""
 
+from distill.config.base import Section
+from distill.config.evaluation import EvalConfig
 from distill.config.files import apply_override, build_config, dump_config, load_config, read_yaml
+from distill.config.model import ModelConfig
 from distill.config.schema import (
     DataConfig,
-    EvalConfig,
     FeatureConfig,
     LayerPair,
-    ModelConfig,
     ObjectiveConfig,
     OnPolicyConfig,
     RationaleConfig,
     RunConfig,
-    Section,
     TrainConfig,
 )
 

@@ -1,106 +1,19 @@
 """The run config's schema: one pydantic section per concern, one docstring per field.
 
-Cross-field rules live in the sections' validators; reading YAML, dotted overrides and the
-one-line error messages are in `distill.config.files`.
+The sections of the run itself are here, with the cross-field rules in their validators; the
+base class is in `base.py`, model sources in `model.py`, evaluation and gates in
+`evaluation.py`. Reading YAML, dotted overrides and the one-line error messages are in
+`distill.config.files`.
 """
 
-import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationInfo,
-    create_model,
-    field_validator,
-    model_serializer,
-    model_validator,
-)
+from pydantic import Field, field_validator, model_validator
 
-from distill.errors import ConfigError
-from distill.eval.gates import METRICS as GATE_METRICS
-from distill.eval.gates import parse_gate
-
-# Sizes of an inline model config that must be positive integers when given.
-_POSITIVE_SIZES = (
-    "vocab_size",
-    "hidden_size",
-    "intermediate_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "head_dim",
-    "max_position_embeddings",
-)
-
-
-def check_inline_model_config(config: dict[str, Any]) -> None:
-    """Build an inline config as its transformers config class (transformers imported only
-    here); raises ValueError naming what is wrong."""
-    model_type = config.get("model_type")
-    if not isinstance(model_type, str):
-        # pydantic turns a ValueError (not a TypeError) into the one-line config error
-        raise ValueError("an inline model config needs a 'model_type' string (llama, qwen2, ...)")  # noqa: TRY004
-    for key in _POSITIVE_SIZES:
-        value = config.get(key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ValueError(f"{key} must be a positive integer, got {value!r}")
-    from transformers import AutoConfig
-
-    kwargs = {k: v for k, v in config.items() if k != "model_type"}
-    try:
-        AutoConfig.for_model(model_type, **kwargs)
-    except Exception as e:  # noqa: BLE001 (its validators raise their own exception types)
-        text = str(e.__cause__ or e).strip().splitlines()
-        if isinstance(e, KeyError) or (text and "Unrecognized model identifier" in text[0]):
-            raise ValueError(f"unknown model_type {model_type!r}") from None
-        raise ValueError(f"not a valid {model_type} config ({text[0] if text else type(e).__name__})") from None
-
-
-class Section(BaseModel):
-    # No NaN or infinity anywhere: every float of a run config is a finite setting.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True, allow_inf_nan=False)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _no_nul(cls, data):
-        """No setting holds a NUL character (no file name can; the OS would raise)."""
-        if isinstance(data, dict):
-            for key, value in data.items():
-                if isinstance(value, str) and "\x00" in value:
-                    raise ValueError(f"{key} holds a NUL character, which no file name or setting may")
-        return data
-
-
-class ModelConfig(Section):
-    """Where a model comes from: exactly one of `name` or `config`."""
-
-    name: str | None = None
-    """Hub id, local folder, path to a .gguf file, or 'packaged:smollm2-135m-instruct'."""
-    gguf_file: str | None = None
-    """A .gguf file inside the folder `name` (transformers' gguf_file argument)."""
-    config: dict[str, Any] | None = None
-    """An inline transformers config with `model_type` (random init; tests and the demo)."""
-    tokenizer: str | None = None
-    """Tokenizer source; None means the model's own; 'builtin' is the built-in task's."""
-    dtype: Literal["float32", "bfloat16"] = "float32"
-    """Weights dtype when loaded."""
-
-    @model_validator(mode="after")
-    def _one_source(self):
-        if (self.name is None) == (self.config is None):
-            raise ValueError("give exactly one of 'name' (hub id, folder or .gguf) or 'config' (inline)")
-        return self
-
-    @field_validator("config")
-    @classmethod
-    def _valid_inline_config(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
-        """Built as its transformers config class now, so a bad inline config stops here."""
-        if value is not None:
-            check_inline_model_config(value)
-        return value
+from distill.config.base import Section
+from distill.config.evaluation import EvalConfig, GatesConfig
+from distill.config.model import ModelConfig
 
 
 class DataConfig(Section):
@@ -337,91 +250,6 @@ class RationaleConfig(Section):
     """Put before the prompt of the label task."""
     rationale_prefix: str = "explain: "
     """Put before the prompt of the rationale task."""
-
-
-class EvalConfig(Section):
-    max_new_tokens: int = Field(48, ge=1)
-    """Tokens generated per held-out prompt (greedy)."""
-    batch_size: int = Field(128, ge=1)
-    """Prompts generated at once."""
-    answer_format: str = "auto"
-    """Where the answer is in a generation (`distill.eval.answers`): auto, gsm8k, boxed,
-    answer_line, chain or regex:PATTERN. The built-in task always uses chain."""
-    teacher: bool = True
-    """Also evaluate the run's teacher (when it has one) and compare: top-1 agreement,
-    held-out divergences, the teacher's accuracy and loss, generation length drift."""
-    calibration_bins: int = Field(15, ge=1)
-    """Equal-width confidence bins of the expected calibration error."""
-    refusal_patterns: list[str] = [r"\bI can(?:'|’)?t\b", r"\bI cannot\b", r"\bI(?:'|’)m sorry\b", r"\bAs an AI\b"]
-    """Regular expressions (searched, case-insensitive) that mark a generation as a refusal."""
-    format_regex: str | None = None
-    """A regular expression every generation should match whole (format adherence); null:
-    not checked (the built-in task checks its own format: steps, '#', one digit)."""
-    format_json_schema: dict[str, Any] | None = None
-    """A JSON schema every generation should parse as and validate against (format adherence)."""
-    text_prompt_tokens: int = Field(32, ge=1)
-    """{"text"} rows: the first this many tokens of a held-out row (at most half of it) are
-    the prompt both models continue greedily for the generation-length drift."""
-    text_generations: int = Field(64, ge=0)
-    """{"text"} rows: how many held-out rows give a prompt for the generation-length drift
-    (each generates up to max_new_tokens); 0 leaves generation out."""
-
-    @field_validator("answer_format")
-    @classmethod
-    def _known_format(cls, value: str) -> str:
-        from distill.eval.answers import splitter
-
-        try:
-            splitter(value)
-        except ConfigError as e:
-            raise ValueError(str(e)) from None
-        return value
-
-    @field_validator("refusal_patterns", "format_regex", "format_json_schema")
-    @classmethod
-    def _valid_format(cls, value, info: ValidationInfo):
-        from jsonschema import SchemaError, validators
-
-        if value is None:
-            return value
-        if info.field_name == "format_json_schema":
-            try:
-                validators.validator_for(value).check_schema(value)
-            except SchemaError as e:
-                raise ValueError(f"not a valid JSON schema ({e.message})") from None
-            return value
-        for pattern in [value] if isinstance(value, str) else value:
-            try:
-                re.compile(pattern)
-            except re.error as e:
-                raise ValueError(f"{pattern!r} is not a valid regular expression ({e})") from None
-        return value
-
-
-class _Gates(Section):
-    """Release gates checked by `distill eval --gates` (`distill.eval.gates`): metric -> an operator
-    (>=, <=, >, <, ==) then a number, 'teacher' or 'NUMBER * teacher'. Unset gates are off."""
-
-    @field_validator("*")
-    @classmethod
-    def _parses(cls, value: str | None, info: ValidationInfo) -> str | None:
-        if value is not None:
-            parse_gate(info.field_name, value)
-        return value
-
-    @model_serializer(mode="wrap")
-    def _set_only(self, handler):
-        return {k: v for k, v in handler(self).items() if v is not None}
-
-    def expressions(self) -> dict[str, str]:
-        """The gates that are set: metric -> expression."""
-        return {k: v for k, v in self.model_dump().items() if v is not None}
-
-
-# One optional expression per gate metric, documented where the metrics are (distill.eval.gates).
-GatesConfig = create_model(
-    "GatesConfig", __base__=_Gates, **{m: (str | None, Field(None, description=d)) for m, (_, _, d) in GATE_METRICS.items()}
-)
 
 
 class RunConfig(Section):
