@@ -12,7 +12,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 from distill import rundir, seeds
 from distill.config import EvalConfig
-from distill.data.rows import Row, collate, tokenize_rows
+from distill.data.rows import Example, Row, collate, tokenize_rows
 from distill.eval import metrics
 from distill.eval.answers import grade, splitter
 from distill.models.loading import count_parameters, load_causal_lm, load_tokenizer
@@ -114,12 +114,21 @@ def forced_scores(
     each model read. vocab: the real (shared) vocabulary logits are sliced to; truncate:
     data.truncate (cut over-long rows instead of refusing them)."""
     model.eval()
-    device = next(model.parameters()).device
     vocab = vocab or len(tokenizer)
     examples = tokenize_rows(rows, tokenizer, max_length, source="eval", truncate=truncate)
+    batches = [range(i, min(i + batch_size, len(examples))) for i in range(0, len(examples), batch_size)]
+    return forced_sums_over(model, examples, batches, tokenizer.pad_token_id, vocab, teacher)
+
+
+@torch.no_grad()
+def forced_sums_over(model, examples: Sequence[Example], batches, pad_id: int, vocab: int, teacher=None) -> dict[str, float]:
+    """`metrics.forced_sums` summed over batches of examples (each batch: indices into
+    `examples`, right-padded together), the teacher on the same batch, plus `tokens`, the
+    input tokens each model read."""
+    device = next(model.parameters()).device
     sums: dict[str, float] = {"tokens": 0.0}
-    for i in range(0, len(examples), batch_size):
-        b = {k: v.to(device) for k, v in collate(examples[i : i + batch_size], tokenizer.pad_token_id).items()}
+    for chosen in batches:
+        b = {k: v.to(device) for k, v in collate([examples[i] for i in chosen], pad_id).items()}
         inputs = {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]}
         logits = model(**inputs).logits[..., :vocab]  # (B, T, V)
         t_logits = teacher(**inputs).logits[..., :vocab] if teacher is not None else None  # (B, T, V)

@@ -22,8 +22,9 @@ import time
 import torch
 
 from distill.config import EvalConfig
-from distill.data.rows import Example, Row, collate, tokenize_rows
+from distill.data.rows import Example, Row, tokenize_rows
 from distill.eval import metrics
+from distill.eval.evaluate import forced_sums_over
 from distill.models.loading import count_parameters
 from distill.training.rollout import Sampling, rollout
 
@@ -47,21 +48,10 @@ def forced_batches(examples: list[Example], batch_size: int, vocab: int, max_log
     return batches
 
 
-@torch.no_grad()
 def forced_text_sums(model, examples: list[Example], pad_id: int, batch_size: int, vocab: int, teacher=None) -> dict:
-    """`metrics.forced_sums` over every held-out row (each alone, right-padded), plus
-    `tokens`, the input tokens each model read."""
-    device = next(model.parameters()).device
-    sums: dict[str, float] = {"tokens": 0.0}
-    for chosen in forced_batches(examples, batch_size, vocab):
-        b = {k: v.to(device) for k, v in collate([examples[i] for i in chosen], pad_id).items()}
-        inputs = {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]}
-        logits = model(**inputs).logits[..., :vocab]  # (B, T, V)
-        t_logits = teacher(**inputs).logits[..., :vocab] if teacher is not None else None  # (B, T, V)
-        for k, v in metrics.forced_sums(logits, b["labels"], t_logits).items():
-            sums[k] = sums.get(k, 0.0) + v
-        sums["tokens"] += float(b["attention_mask"].sum())
-    return sums
+    """`metrics.forced_sums` over every held-out row (each alone, right-padded, batched by
+    length: `forced_batches`), plus `tokens`, the input tokens each model read."""
+    return forced_sums_over(model, examples, forced_batches(examples, batch_size, vocab), pad_id, vocab, teacher)
 
 
 def continuation_prompts(examples: list[Example], eos: int, n: int, prompt_tokens: int) -> list[list[int]]:
