@@ -76,18 +76,39 @@ def cache(
     dtype: Annotated[str, typer.Option(help="Stored log-prob dtype: float16 or float32.")] = "float16",
     shard_examples: Annotated[int, typer.Option(help="Examples per shard file.")] = 1024,
     batch_size: Annotated[int, typer.Option(help="Examples per teacher forward pass.")] = 16,
+    server: Annotated[str | None, typer.Option(help="A served teacher: vLLM's OpenAI-compatible server, e.g. http://localhost:8000/v1.")] = None,
+    model: Annotated[str | None, typer.Option(help="The server's model name (with --server).")] = None,
+    concurrency: Annotated[int, typer.Option(help="Server: requests in flight at once.")] = 8,
+    timeout: Annotated[float, typer.Option(help="Server: seconds per request before it is retried.")] = 120.0,
+    max_retries: Annotated[int, typer.Option(help="Server: retries on 429, 5xx, dropped connections, timeouts.")] = 6,
+    api_key_env: Annotated[str, typer.Option(help="Server: environment variable holding the API key.")] = "OPENAI_API_KEY",
+    teacher_params: Annotated[int | None, typer.Option(help="Server: the teacher's parameter count, for the FLOPs estimate.")] = None,
 ):
     """Run the teacher once over the training data; store its top-k per token for `teacher_cache=`."""
     from distill.config import load_config
     from distill.pipeline.cache import write_teacher_cache
 
+    remote = _server_settings(server, model, api_key_env, concurrency, timeout, max_retries)
     cfg = load_config(config, overrides or [])
-    manifest = write_teacher_cache(cfg, out, top_k, dtype, shard_examples, batch_size)
+    manifest = write_teacher_cache(cfg, out, top_k, dtype, shard_examples, batch_size, server=remote, teacher_params=teacher_params)
     tokens = sum(s["tokens"] for s in manifest["shards"])
     size = sum(s["bytes"] for s in manifest["shards"])
     summary = {"out": out, "examples": manifest["n_examples"], "tokens": tokens, "bytes": size}
     summary["bytes_per_token"] = size / max(tokens, 1)
     typer.echo(json.dumps(summary, indent=2))
+
+
+def _server_settings(server: str | None, model: str | None, api_key_env: str, concurrency: int, timeout: float, retries: int):
+    """The --server options of `generate` and `cache`, checked; None without --server."""
+    from distill.pipeline.chat_client import ServerSettings
+
+    if server is None:
+        return None
+    if model is None:
+        raise ConfigError("--server needs --model (the name the server knows the teacher by)")
+    if concurrency < 1 or timeout <= 0 or retries < 0:
+        raise ConfigError("--concurrency must be >= 1, --timeout > 0 and --max-retries >= 0")
+    return ServerSettings(server, model, api_key_env, concurrency, timeout, retries)
 
 
 @app.command()
@@ -115,17 +136,10 @@ def generate(
     teacher_params: Annotated[int | None, typer.Option(help="Server: the teacher's parameter count, for the FLOPs estimate.")] = None,
 ):
     """A teacher writes rationale + answer for each prompt (local model or server)."""
-    from distill.pipeline.chat_client import ServerSettings
     from distill.pipeline.generate import GenerateSettings, run_generate
 
     settings = GenerateSettings(temperature, top_p, top_k, max_new_tokens, samples, seed, system)
-    remote = None
-    if server is not None:
-        if model is None:
-            raise ConfigError("--server needs --model (the name the server knows the teacher by)")
-        if concurrency < 1 or timeout <= 0 or max_retries < 0:
-            raise ConfigError("--concurrency must be >= 1, --timeout > 0 and --max-retries >= 0")
-        remote = ServerSettings(server, model, api_key_env, concurrency, timeout, max_retries)
+    remote = _server_settings(server, model, api_key_env, concurrency, timeout, max_retries)
     summary = run_generate(prompts, Path(out), settings, teacher, remote, n, batch_size, chat_template, dtype, teacher_params)
     typer.echo(json.dumps(summary, indent=2))
 

@@ -17,6 +17,13 @@ told to misbehave: each entry of `faults` is used by one request, in order:
             the same as a 400 (the prompt's row records the error)
     "usage_str" / "usage_list"   a 200 reply whose usage is a string / a list
     "no_content"                 a 200 reply with no message content
+    "few_logprobs"  (/v1/completions) one ranked log-prob fewer than asked at every position
+    "add_bos"       (/v1/completions) scores the prompt with a BOS put in front, as a server that adds
+                    special tokens would: log-probs of another sequence than the ids sent
+
+`/v1/completions` with `prompt_logprobs: k` and the prompt as token ids answers as vLLM does:
+for every position after the first, the k most likely tokens (ranks 1..k) and the position's
+own token with its rank, from the model's raw (temperature 1) log-softmax.
 """
 
 import json
@@ -107,8 +114,30 @@ class ChatServer:
         except OSError:  # the client gave up
             pass
 
+    def prompt_logprobs(self, handler, body: dict, fault: str | None) -> None:
+        ids, k = list(body["prompt"]), int(body["prompt_logprobs"])
+        if fault == "add_bos":
+            ids = [self.tokenizer.bos_token_id, *ids]
+        with self.lock, torch.no_grad():
+            log_p = torch.log_softmax(self.model(input_ids=torch.tensor([ids])).logits[0].float(), -1)  # (T, V)
+        entries = [None]
+        for j in range(1, len(ids)):
+            row = log_p[j - 1]
+            top = row.topk(k - (fault == "few_logprobs"))
+            own = ids[j]
+            entry = {str(t): {"logprob": v, "rank": r + 1} for r, (t, v) in enumerate(zip(top.indices.tolist(), top.values.tolist()))}
+            if str(own) not in entry and own < row.numel():
+                entry[str(own)] = {"logprob": row[own].item(), "rank": int((row > row[own]).sum()) + 1}
+            entries.append(entry)
+        self.reply(handler, 200, {"object": "text_completion", "model": body.get("model"),
+                                  "choices": [{"index": 0, "text": "", "prompt_logprobs": entries, "finish_reason": "length"}]})
+
     def handle(self, handler, body: dict, fault: str | None) -> None:
-        if handler.path != "/v1/chat/completions":
+        if handler.path == "/v1/completions" and fault not in ("drop", "429", "500", "503", "401"):
+            if self.api_key and handler.headers.get("Authorization") != f"Bearer {self.api_key}":
+                return self.reply(handler, 401, {"error": {"message": "invalid api key"}})
+            return self.prompt_logprobs(handler, body, fault)
+        if handler.path not in ("/v1/chat/completions", "/v1/completions"):
             return self.reply(handler, 404, {"error": {"message": f"no route {handler.path}"}})
         if fault == "drop":
             handler.close_connection = True

@@ -28,6 +28,8 @@ from distill.loss.token_losses import IGNORE_INDEX
 from distill.models.build import build_model, build_tokenizer, model_id
 from distill.models.loading import count_parameters
 from distill.paths import atomic_write_bytes, atomic_write_json
+from distill.pipeline.chat_client import ServerSettings
+from distill.pipeline.served_cache import served_topk
 from distill.progress import Progress
 
 
@@ -155,9 +157,22 @@ class CacheWriter:
 
 
 def write_teacher_cache(
-    cfg, out: str | Path, top_k: int, logprob_dtype: str, shard_examples: int, batch_size: int, show_progress: bool = True
+    cfg,
+    out: str | Path,
+    top_k: int,
+    logprob_dtype: str,
+    shard_examples: int,
+    batch_size: int,
+    show_progress: bool = True,
+    server: ServerSettings | None = None,
+    teacher_params: int | None = None,
 ) -> dict:
     """Run cfg.teacher over cfg.data's training examples once; write (or finish) the cache.
+
+    With `server`, the teacher is the model the server serves (`pipeline.served_cache`): the
+    examples are tokenized with cfg.teacher's tokenizer (the student's when the config has no
+    teacher), the cache's teacher is `server:MODEL`, and the temperature must be 1;
+    `teacher_params` (unknown otherwise) makes the FLOPs of budget.json.
 
     Returns the manifest. The temperature is cfg.objective.temperature: the cached
     log-probabilities are at the loss temperature, so a run must use the same one. The
@@ -165,19 +180,25 @@ def write_teacher_cache(
     2 x params x tokens FLOPs, seconds; totals over every shard the manifest lists, so a
     resumed cache, or one killed between a shard and its record, counts each shard once).
     """
-    if cfg.teacher is None:
-        raise DistillError("distill cache needs a 'teacher' section in the run config")
+    if cfg.teacher is None and server is None:
+        raise DistillError("distill cache needs a 'teacher' section in the run config (or --server)")
+    if server is not None and cfg.objective.temperature != 1.0:
+        raise DistillError(
+            f"objective.temperature is {cfg.objective.temperature:g}: a server's prompt log-probs are at temperature 1 "
+            "and a top-k cannot be re-tempered; cache at objective.temperature=1"
+        )
     if logprob_dtype not in LOGPROB_DTYPES:
         raise DistillError(f"--dtype must be one of {sorted(LOGPROB_DTYPES)}, got {logprob_dtype!r}")
     if shard_examples < 1 or batch_size < 1:
         raise DistillError("--shard-examples and --batch-size must be >= 1")
-    tokenizer = build_tokenizer(cfg.teacher, "teacher")
+    source = cfg.teacher if cfg.teacher is not None else cfg.student
+    tokenizer = build_tokenizer(source, "teacher" if cfg.teacher is not None else "student")
     vocab = len(tokenizer)
     if not 1 <= top_k <= vocab:
         raise DistillError(f"--top-k must be in [1, {vocab}] (the teacher's vocabulary), got {top_k}")
     examples = build_examples(cfg.data, tokenizer)
     header = {
-        "teacher": model_id(cfg.teacher, seeds.teacher_init(cfg.train.seed)),
+        "teacher": f"server:{server.model}" if server else model_id(cfg.teacher, seeds.teacher_init(cfg.train.seed)),
         "tokenizer_hash": tokenizer_hash(tokenizer),
         "dataset_hash": dataset_hash(examples),
         "temperature": cfg.objective.temperature,
@@ -189,19 +210,29 @@ def write_teacher_cache(
     writer = CacheWriter(Path(out), header, len(examples))
     todo = writer.todo()
     if todo:
-        teacher = build_model(cfg.teacher, tokenizer, "teacher", seeds.teacher_init(cfg.train.seed))
-        device = torch.device("cuda" if torch.cuda.is_available() and cfg.train.device == "auto" else "cpu")
-        teacher.to(device).eval()
-        params = count_parameters(teacher)
+        if server is not None:
+            params = teacher_params
+
+            def topk(lo: int, hi: int):
+                return served_topk(server, examples[lo:hi], top_k, vocab, first_index=lo)
+        else:
+            teacher = build_model(cfg.teacher, tokenizer, "teacher", seeds.teacher_init(cfg.train.seed))
+            device = torch.device("cuda" if torch.cuda.is_available() and cfg.train.device == "auto" else "cpu")
+            teacher.to(device).eval()
+            params = count_parameters(teacher)
+
+            def topk(lo: int, hi: int):
+                return teacher_topk(
+                    teacher, examples[lo:hi], tokenizer.pad_token_id, vocab, top_k, cfg.objective.temperature, batch_size
+                )
+
         counts = target_counts(examples)
         done = writer.n_shards - len(todo)
         progress = Progress(writer.n_shards, done, enabled=show_progress, label="cache")
         for index in todo:
             t0 = time.perf_counter()
             lo, hi = index * shard_examples, min((index + 1) * shard_examples, len(examples))
-            ids, logprobs, rest = teacher_topk(
-                teacher, examples[lo:hi], tokenizer.pad_token_id, vocab, top_k, cfg.objective.temperature, batch_size
-            )
+            ids, logprobs, rest = topk(lo, hi)
             writer.write_shard(index, counts[lo:hi], ids, logprobs, rest, seconds=time.perf_counter() - t0)
             # Recomputed from the manifest at every shard: a killed and resumed cache counts
             # every listed shard once, even one whose record the kill cut off.

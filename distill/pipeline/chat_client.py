@@ -1,4 +1,5 @@
-"""A client for any OpenAI-compatible chat-completions server (vLLM, SGLang, llama.cpp).
+"""A client for any OpenAI-compatible server (vLLM, SGLang, llama.cpp): chat completions, and
+any other JSON route (`post_json`: the prompt log-probs of `distill cache --server`).
 
 Requests go out concurrently (at most `concurrency` in flight), each with a deadline for the
 whole request (connect, send, every byte of the reply: a server that drips its reply does
@@ -103,11 +104,15 @@ def _retry_after(response: httpx.Response) -> float | None:
         return None
 
 
-async def complete(client: httpx.AsyncClient, settings: ServerSettings, body: dict, what: str) -> Reply:
-    """One chat completion, retried as the module says. `what` names the request in errors."""
-    url = settings.base_url.rstrip("/") + "/chat/completions"
+async def post_json(
+    client: httpx.AsyncClient, settings: ServerSettings, route: str, body: dict, what: str, parse: Callable[[object], object]
+) -> tuple[object | None, str | None, int]:
+    """POST `body` to base_url + route, retried as the module says; `what` names the request
+    in errors. Returns (parse(reply JSON), None, retries), or (None, error, retries) when the
+    server refuses this one request (REFUSED_STATUS). `parse` raises MalformedReply for a
+    reply without what the route must return: retried like a dropped connection."""
+    url = settings.base_url.rstrip("/") + route
     key = _api_key(settings)
-    t0 = time.perf_counter()
     for attempt in range(settings.max_retries + 1):
         wait = None
         try:
@@ -120,21 +125,18 @@ async def complete(client: httpx.AsyncClient, settings: ServerSettings, body: di
         else:
             if response.status_code == 200:
                 try:
-                    text, finish, p_tok, c_tok = _parse(response.json())
+                    return parse(response.json()), None, attempt
                 except MalformedReply as e:
                     why = f"a malformed reply ({e})"
                 except (ValueError, RecursionError) as e:  # not JSON, not UTF-8, nested past reading
                     why = f"a malformed reply ({type(e).__name__})"
-                else:
-                    return Reply(redact(text, key), finish, p_tok, c_tok, time.perf_counter() - t0, attempt)
             elif response.status_code in RETRY_STATUS:
                 why, wait = f"HTTP {response.status_code}", _retry_after(response)
             else:
                 lines = redact(response.text, key).strip().splitlines()
                 detail = printable(lines[0], 200) if lines else ""
                 if response.status_code in REFUSED_STATUS:
-                    error = f"HTTP {response.status_code} {detail}".rstrip()
-                    return Reply("", "error", 0, 0, time.perf_counter() - t0, attempt, error)
+                    return None, f"HTTP {response.status_code} {detail}".rstrip(), attempt
                 hint = f" (check the key in ${settings.api_key_env})" if response.status_code in (401, 403) else ""
                 raise DistillError(f"{url}: {what}: HTTP {response.status_code}{hint} {detail}".rstrip())
         if attempt == settings.max_retries:
@@ -145,15 +147,28 @@ async def complete(client: httpx.AsyncClient, settings: ServerSettings, body: di
     raise AssertionError("unreachable")
 
 
+async def complete(client: httpx.AsyncClient, settings: ServerSettings, body: dict, what: str) -> Reply:
+    """One chat completion (POST /chat/completions), retried as the module says."""
+    key = _api_key(settings)
+    t0 = time.perf_counter()
+    parsed, error, retries = await post_json(client, settings, "/chat/completions", body, what, _parse)
+    if error is not None:
+        return Reply("", "error", 0, 0, time.perf_counter() - t0, retries, error)
+    text, finish, p_tok, c_tok = parsed  # type: ignore[misc]
+    return Reply(redact(text, key), finish, p_tok, c_tok, time.perf_counter() - t0, retries)
+
+
 async def complete_all(
     settings: ServerSettings,
     requests: list[tuple[object, dict, str]],
     on_reply: Callable[[object, Reply], Awaitable[None] | None],
+    send: Callable[[httpx.AsyncClient, ServerSettings, dict, str], Awaitable[object]] = complete,
 ) -> None:
-    """Send every (key, body, what) request (`what` names it in errors), at most `concurrency`
-    at a time; call on_reply(key,
-    reply) as each one finishes, in completion order. The first request that fails for good
-    cancels the rest and raises its error (replies already handed over stay handed over)."""
+    """Send every (key, body, what) request with `send` (a chat completion unless told
+    otherwise; `what` names it in errors), at most `concurrency` at a time; call
+    on_reply(key, reply) as each one finishes, in completion order. The first request that
+    fails for good cancels the rest and raises its error (replies already handed over stay
+    handed over)."""
     queue: asyncio.Queue = asyncio.Queue()
     for item in requests:
         queue.put_nowait(item)
@@ -166,7 +181,7 @@ async def complete_all(
                 key, body, what = queue.get_nowait()
             except asyncio.QueueEmpty:
                 return
-            reply = await complete(client, settings, body, what)
+            reply = await send(client, settings, body, what)
             result = on_reply(key, reply)
             if asyncio.iscoroutine(result):
                 await result
