@@ -3,13 +3,15 @@
     distill export runs/kd --gguf q8_0            -> runs/kd/student-q8_0.gguf
     distill export students/smol-10 --gguf f16    -> students/smol-10-f16.gguf
 
-Families: llama (SmolLM2; llama-shaped models with a byte-level BPE tokenizer) and qwen2. Each is a `Family` record: its llama.cpp architecture, whether the query and key
-projections are permuted (llama.cpp's rotary layout pairs dimensions (i, i + d/2) as HF
-does, but llama's converter reorders the rows so that each head's pairs are adjacent; a
-GGUF reader such as transformers' undoes it), and which biases it may carry. Tensor names
-come from the gguf package's name map; the metadata is the config's (context length,
-width, depth, heads, key-value heads, head size, rope base, RMS-norm epsilon, vocabulary)
-and the tokenizer's (`gguf_vocab.py`).
+Families: llama (SmolLM2; llama-shaped models with a byte-level BPE tokenizer) and qwen2.
+Each is a `Family` record: its llama.cpp architecture, whether the query and key rows are
+permuted, and which biases it may carry. HF's llama rotates each head's dimension i with
+i + d/2 (rotate_half); llama.cpp's llama graph rotates adjacent pairs (2i, 2i + 1), so its
+converter reorders the rows of q and k per head to make the two agree, and GGUF readers
+(transformers' among them) undo that. Qwen2 runs in llama.cpp with HF's own pairing, so its
+rows are not reordered. Tensor names come from the gguf package's name map; the metadata is
+the config's (context length, width, depth, heads, key-value heads, head size, rope base,
+RMS-norm epsilon, vocabulary) and the tokenizer's (`gguf_vocab.py`).
 
 Schemes: f16 writes every matrix as float16; q8_0 as llama.cpp's Q8_0 blocks (32
 weights, one float16 scale), quantized by the gguf package; a matrix whose rows are not a

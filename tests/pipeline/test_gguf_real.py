@@ -1,23 +1,27 @@
 """`distill export --gguf` on the packaged SmolLM2-135M-Instruct's layer-drop student: the file
 transformers' GGUF loader reads back holds exactly the student's weights as the scheme stores
-them, and its tokenizer encodes text (prose, code, the chat template's markers) to the same ids.
+them, and its tokenizer encodes text (prose, code, the chat template's markers) to the same ids;
+and the file has the layout llama.cpp's own converter wrote for the packaged model.
 
 Tolerances. Against the "stored" student (each matrix as the file holds it): 1e-4 of the
 largest logit (float32 arithmetic; measured 0.0 exactly). Against the student itself: f16
 within 0.5% of the largest logit (measured 0.18%, a mean KL of 1.5e-5 nats/token). q8_0
-within a mean KL of 0.05 nats/token: the packaged weights are Q4_1 dequantized, so Q8_0 rounds a 4-bit grid again,
-and a student with 26 of 30 layers dropped amplifies the error (measured 0.015 nats, top-1
-agreement 92%; the 10-layer student 0.029 and 82%).
+within a mean KL of 0.05 nats/token: the packaged weights are Q4_1 dequantized, so Q8_0
+rounds a 4-bit grid again, and a student with 26 of 30 layers dropped amplifies the error
+(measured 0.015 nats, top-1 agreement 92%; the 10-layer student 0.029 and 82%).
 """
 
+import json
 from pydoc_data.topics import topics
 
+import gguf
+import numpy as np
 import pytest
 import torch
 from test_gguf_export import stored_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from distill.models.loading import load_causal_lm, load_tokenizer
+from distill.models.loading import _packaged_gguf, load_causal_lm, load_tokenizer
 from distill.models.students import make_student
 from distill.pipeline.gguf_export import export_gguf
 
@@ -67,3 +71,40 @@ def test_smollm2_student_round_trip(student, reference, scheme):
     assert kl.mean() <= 5e-2, (kl.mean().item(), agree.item())
     print(f"{scheme}: {summary['bytes'] / 1e6:.1f} MB, max |dlogit| {(got - ref).abs().max():.4f} "
           f"of {ref.abs().max():.2f}, KL {kl.mean():.2e}, top-1 {agree:.3f}")  # fmt: skip
+
+
+def test_same_layout_as_llama_cpp_converter(student, tmp_path):
+    """The packaged SmolLM2 file was written by llama.cpp's own converter. The student's f16
+    export must hold, under each name, that file's tensor (dequantized from Q4_1) rounded to
+    float16, bit for bit: the same names, the same q/k row order, the same shapes; and the same
+    tokenizer metadata. No GGUF reader's inverse permutation is involved here."""
+    original = gguf.GGUFReader(_packaged_gguf(ALIAS))
+    out = tmp_path / "s.gguf"
+    export_gguf(student, "f16", out)
+    ours = gguf.GGUFReader(out)
+    kept = json.loads((student / "student.json").read_text())["kept_layers"]  # student layer i = teacher layer kept[i]
+    theirs = {t.name: t for t in original.tensors}
+    for t in ours.tensors:
+        name = t.name
+        if name.startswith("blk."):
+            block, rest = name.split(".", 2)[1:]
+            name = f"blk.{kept[int(block)]}.{rest}"
+        source = theirs[name]
+        expected = gguf.quants.dequantize(source.data, source.tensor_type).reshape(t.data.shape)
+        if t.tensor_type == gguf.GGMLQuantizationType.F16:
+            expected = expected.astype(np.float16)
+        assert np.array_equal(np.asarray(t.data), expected), t.name
+    assert len(ours.tensors) == 2 + 9 * len(kept)  # token_embd, output_norm, 9 per block; no output.weight (tied)
+
+    def field(reader, key):
+        return reader.fields[key].contents()
+
+    for key in ("tokens", "token_type", "merges", "bos_token_id", "eos_token_id", "unknown_token_id",
+                "padding_token_id", "add_bos_token", "model"):  # fmt: skip
+        assert field(ours, f"tokenizer.ggml.{key}") == field(original, f"tokenizer.ggml.{key}"), key
+    assert field(ours, "tokenizer.chat_template") == field(original, "tokenizer.chat_template")
+    for key in ("context_length", "embedding_length", "feed_forward_length", "attention.head_count",
+                "attention.head_count_kv", "rope.freq_base", "attention.layer_norm_rms_epsilon",
+                "rope.dimension_count", "vocab_size"):  # fmt: skip
+        assert field(ours, f"llama.{key}") == field(original, f"llama.{key}"), key
+    assert field(ours, "llama.block_count") == len(kept)
