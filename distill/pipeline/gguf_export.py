@@ -32,7 +32,7 @@ import torch
 from distill import rundir
 from distill.errors import DistillError
 from distill.models.loading import count_parameters, load_causal_lm, load_tokenizer
-from distill.paths import finish_file, fsync_path
+from distill.paths import finish_file, fsync_path, read_json
 from distill.pipeline.gguf_vocab import gguf_vocab, write_vocab
 
 SCHEMES = ("f16", "q8_0")
@@ -181,6 +181,10 @@ def _load(folder: Path):
         raise DistillError(
             f"{where}: no tokenizer (tokenizer.json); a GGUF file carries its tokenizer, so save one beside the model"
         )
+    quantized = (read_json(folder / "config.json", "model config") or {}).get("quantization_config")
+    if quantized:  # torchao / bitsandbytes tensors: the GGUF scheme does the quantizing
+        method = quantized.get("quant_method", "?") if isinstance(quantized, dict) else "?"
+        raise DistillError(f"{where}: already quantized ({method}); export the unquantized student, --gguf q8_0 quantizes it")
     tokenizer = load_tokenizer(where)
     model = load_causal_lm(name=where)
     return model, tokenizer

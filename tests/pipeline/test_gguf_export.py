@@ -197,6 +197,12 @@ def test_unsupported_and_broken_models_are_one_line_errors(tmp_path):
     scaled = save_student(tmp_path / "scaled", rope_scaling={"rope_type": "linear", "factor": 2.0})
     with pytest.raises(DistillError, match=r"rope_type 'linear'"):
         export_gguf(scaled, "f16", tmp_path / "d.gguf")
+    quantized = save_student(tmp_path / "quantized")
+    config = json.loads((quantized / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "torchao", "quant_type": {"default": "Int8WeightOnlyConfig"}}
+    (quantized / "config.json").write_text(json.dumps(config))
+    with pytest.raises(DistillError, match=r"quantized: already quantized \(torchao\); export the unquantized student"):
+        export_gguf(quantized, "q8_0", tmp_path / "g.gguf")
     with pytest.raises(DistillError, match=r"neither a run directory"):
         export_gguf(tmp_path, "f16", tmp_path / "e.gguf")
     with pytest.raises(DistillError, match=r"--gguf 'q4_0': choose one of f16, q8_0"):
