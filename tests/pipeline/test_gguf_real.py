@@ -56,10 +56,11 @@ def test_smollm2_student_round_trip(student, reference, scheme):
     out = student.parent / f"student-4-{scheme}.gguf"
     assert summary["out"] == str(out) and summary["architecture"] == "llama" and summary["vocab"] == 49152
     ours, ids, ref = reference
-    theirs = AutoTokenizer.from_pretrained(str(out.parent), gguf_file=out.name)
-    chat = ours.apply_chat_template([{"role": "user", "content": "What is 12 + 30?"}], tokenize=False)
-    for text in (prose(), chat, "def f(x):\n    return x ** 2  # ünïcode €"):
-        assert theirs(text)["input_ids"] == ours(text)["input_ids"]
+    if scheme == "f16":  # the tokenizer metadata does not depend on the scheme
+        theirs = AutoTokenizer.from_pretrained(str(out.parent), gguf_file=out.name)
+        chat = ours.apply_chat_template([{"role": "user", "content": "What is 12 + 30?"}], tokenize=False)
+        for text in (prose(), chat, "def f(x):\n    return x ** 2  # ünïcode €"):
+            assert theirs(text)["input_ids"] == ours(text)["input_ids"]
     with torch.no_grad():
         exact = stored_model(load_causal_lm(name=str(student)), scheme)(ids).logits
         got = AutoModelForCausalLM.from_pretrained(str(out.parent), gguf_file=out.name).eval()(ids).logits
