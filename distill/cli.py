@@ -252,6 +252,20 @@ def student(
 
 
 @app.command()
+def export(
+    source: Annotated[str, typer.Argument(help="A run directory (its student/) or a save_pretrained model folder.")],
+    gguf: Annotated[str | None, typer.Option("--gguf", help="Write one GGUF file for llama.cpp: f16 or q8_0.")] = None,
+    out: Annotated[str | None, typer.Option(help="The file (default RUN/student-<scheme>.gguf, or <folder>-<scheme>.gguf).")] = None,
+):
+    """Export a student for serving: one GGUF file (weights, metadata, tokenizer) for llama.cpp."""
+    if gguf is None:
+        raise DistillError("say the format: --gguf f16 or --gguf q8_0")
+    from distill.pipeline.gguf_export import export_gguf
+
+    typer.echo(json.dumps(export_gguf(source, gguf, out), indent=2))
+
+
+@app.command()
 def demo(
     out: Annotated[str | None, typer.Option(help="Where the runs go (default distill-demo, or distill-demo-real).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the students' training.")] = 0,
