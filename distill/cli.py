@@ -92,7 +92,7 @@ def cache(
 
 @app.command()
 def generate(
-    prompts: Annotated[str, typer.Option(help="Prompts: a JSONL file of {prompt, answer?} rows, or builtin:chain.")],
+    prompts: Annotated[str, typer.Option(help="Prompts: a JSONL file of {prompt, answer?} rows, an hf: source, or builtin:chain.")],
     out: Annotated[str, typer.Option(help="Output folder (generations.jsonl); rerun the same command to resume.")],
     teacher: Annotated[str | None, typer.Option(help="Local teacher: hub id, folder, run dir, .gguf or packaged alias.")] = None,
     server: Annotated[str | None, typer.Option(help="OpenAI-compatible server, e.g. http://localhost:8000/v1.")] = None,
@@ -113,6 +113,8 @@ def generate(
     max_retries: Annotated[int, typer.Option(help="Server: retries on 429, 5xx, dropped connections, timeouts.")] = 6,
     api_key_env: Annotated[str, typer.Option(help="Server: environment variable holding the API key.")] = "OPENAI_API_KEY",
     teacher_params: Annotated[int | None, typer.Option(help="Server: the teacher's parameter count, for the FLOPs estimate.")] = None,
+    split: Annotated[str | None, typer.Option(help="hf: prompts: the split (default: train).")] = None,
+    columns: Annotated[str | None, typer.Option(help="hf: prompts: field=column pairs, e.g. prompt=question,answer=final.")] = None,
 ):
     """A teacher writes rationale + answer for each prompt (local model or server)."""
     from distill.pipeline.chat_client import ServerSettings
@@ -126,7 +128,14 @@ def generate(
         if concurrency < 1 or timeout <= 0 or max_retries < 0:
             raise ConfigError("--concurrency must be >= 1, --timeout > 0 and --max-retries >= 0")
         remote = ServerSettings(server, model, api_key_env, concurrency, timeout, max_retries)
-    summary = run_generate(prompts, Path(out), settings, teacher, remote, n, batch_size, chat_template, dtype, teacher_params)
+    mapping = None
+    if columns is not None:
+        pairs = [p.split("=", 1) for p in columns.split(",") if p.strip()]
+        if not pairs or any(len(p) != 2 or p[0].strip() not in ("prompt", "answer") or not p[1].strip() for p in pairs):
+            raise ConfigError(f"--columns {columns!r}: give field=column pairs for prompt and answer, e.g. prompt=question,answer=final")
+        mapping = {f.strip(): c.strip() for f, c in pairs}
+    summary = run_generate(prompts, Path(out), settings, teacher, remote, n, batch_size, chat_template, dtype, teacher_params,
+                           split=split, columns=mapping)  # fmt: skip
     typer.echo(json.dumps(summary, indent=2))
 
 
