@@ -5,6 +5,9 @@ before anything is written."""
 
 import copy
 import importlib.util
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -87,3 +90,19 @@ def test_trackers_may_be_added_on_resume(tiny_tree, monkeypatch):
     metrics = read_metrics(tiny_tree["out_dir"])
     assert tensorboard_scalars(Path(tiny_tree["out_dir"]))["loss"] == [(m["step"], m["loss"]) for m in metrics[1:]]
     assert list((Path(tiny_tree["out_dir"]) / "trackers" / "distill").glob("*/hparams.yml"))  # the config, once added
+
+
+@pytest.mark.slow
+def test_only_the_main_process_logs(tiny_tree, tmp_path):
+    """2 gloo processes: one process's event file, holding the run's metrics.jsonl."""
+    tiny_tree["train"].update(steps=2, micro_batch_size=4, report_to=["tensorboard"])
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(tiny_tree))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29583"]
+    proc = subprocess.run([*cmd, "-m", "distill", "train", str(config), "--no-eval"], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=300, check=False)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dir = Path(tiny_tree["out_dir"])
+    writers = {p.name.split(".")[-2] for p in (run_dir / "trackers").rglob("events.out.tfevents.*")}  # the writing pids
+    assert len(writers) == 1
+    assert tensorboard_scalars(run_dir)["loss"] == [(m["step"], m["loss"]) for m in read_metrics(run_dir)]
