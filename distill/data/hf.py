@@ -117,6 +117,15 @@ def check_columns(source: str, names: list[str], columns: dict[str, str], needs:
         )
 
 
+def batched_rows(data, batch_size: int = 1024) -> Iterator[dict]:
+    """The rows of a Dataset or IterableDataset as dicts, read a batch at a time (several times
+    faster than row by row: one Arrow-to-Python conversion per batch)."""
+    for batch in data.iter(batch_size=batch_size):
+        keys = list(batch)
+        for values in zip(*(batch[k] for k in keys)):
+            yield dict(zip(keys, values))
+
+
 def hf_objects(
     source: str,
     split: str | None = None,
@@ -134,7 +143,7 @@ def hf_objects(
     must find one of the fields `needs` (checked once, on the columns)."""
     columns = dict(columns or {})
     data = open_split(source, split, subset, streaming, default_split, key)
-    rows = itertools.islice(data, n) if streaming else data
+    rows = itertools.islice(batched_rows(data), n) if streaming else batched_rows(data)
     with reading(source):
         names = data.column_names
         first = True

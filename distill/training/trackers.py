@@ -14,7 +14,8 @@ hold metrics.jsonl's numbers exactly. A resume continues the same runs: TensorBo
 writer gets `purge_step` = the first step logged again, so the steps logged after the
 checkpoint and before the crash are hidden, not shown twice; wandb resumes the run of the
 id kept in RUN/trackers/run.json (`resume="allow"`), where steps not above its last one
-are dropped; trackio reopens its run by name. The other trackers start a new run.
+are dropped; trackio reopens its run by name and appends (redone steps appear twice).
+The other trackers start a new run.
 """
 
 import importlib.util
