@@ -218,7 +218,7 @@ def student(
     seed: Annotated[int, typer.Option(help="Seed of a random init.")] = 0,
     prune: Annotated[bool, typer.Option("--prune", help="Cut the student from the teacher by measured importance.")] = False,
     params: Annotated[str | None, typer.Option(help="--prune to this many parameters, e.g. 60M.")] = None,
-    calibration: Annotated[str | None, typer.Option(help="--prune: JSONL rows to measure on (default: built-in).")] = None,
+    calibration: Annotated[str | None, typer.Option(help="--prune: JSONL rows or an hf: source to measure on (default: built-in).")] = None,
     calibration_rows: Annotated[int | None, typer.Option(help="--prune: calibration rows (default 256).")] = None,
 ):
     """Make a smaller student from a teacher: layer drop, narrower, another family, or pruned by importance."""

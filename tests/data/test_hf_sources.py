@@ -201,3 +201,13 @@ def test_generate_reads_prompts_from_a_dataset(tmp_path):
     assert got == [Prompt(0, "what is 0+1?", "1"), Prompt(1, "what is 1+1?", "2")]
     with pytest.raises(DistillError, match=r"no 'prompt' column \(its columns: question, final\); map one with --columns"):
         read_prompts(source, None)
+
+
+def test_pruning_calibration_reads_the_first_rows_of_a_dataset(tmp_path):
+    from distill.models.calibration import calibration_texts
+
+    rows = chain_dicts(10)
+    jsonl = write_jsonl(tmp_path / "rows.jsonl", rows)
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "rows.parquet"))
+    assert calibration_texts(str(tmp_path / "rows.parquet"), 4) == calibration_texts(jsonl, 4)
+    assert len(calibration_texts(f"hf:{jsonl}", 4)) == 4
