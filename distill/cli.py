@@ -113,7 +113,7 @@ def _server_settings(server: str | None, model: str | None, api_key_env: str, co
 
 @app.command()
 def generate(
-    prompts: Annotated[str, typer.Option(help="Prompts: a JSONL file of {prompt, answer?} rows, or builtin:chain.")],
+    prompts: Annotated[str, typer.Option(help="Prompts: a JSONL file of {prompt, answer?} rows, an hf: source, or builtin:chain.")],
     out: Annotated[str, typer.Option(help="Output folder (generations.jsonl); rerun the same command to resume.")],
     teacher: Annotated[str | None, typer.Option(help="Local teacher: hub id, folder, run dir, .gguf or packaged alias.")] = None,
     server: Annotated[str | None, typer.Option(help="OpenAI-compatible server, e.g. http://localhost:8000/v1.")] = None,
@@ -134,13 +134,22 @@ def generate(
     max_retries: Annotated[int, typer.Option(help="Server: retries on 429, 5xx, dropped connections, timeouts.")] = 6,
     api_key_env: Annotated[str, typer.Option(help="Server: environment variable holding the API key.")] = "OPENAI_API_KEY",
     teacher_params: Annotated[int | None, typer.Option(help="Server: the teacher's parameter count, for the FLOPs estimate.")] = None,
+    split: Annotated[str | None, typer.Option(help="hf: prompts: the split (default: train).")] = None,
+    columns: Annotated[str | None, typer.Option(help="hf: prompts: field=column pairs, e.g. prompt=question,answer=final.")] = None,
 ):
     """A teacher writes rationale + answer for each prompt (local model or server)."""
     from distill.pipeline.generate import GenerateSettings, run_generate
 
     settings = GenerateSettings(temperature, top_p, top_k, max_new_tokens, samples, seed, system)
     remote = _server_settings(server, model, api_key_env, concurrency, timeout, max_retries)
-    summary = run_generate(prompts, Path(out), settings, teacher, remote, n, batch_size, chat_template, dtype, teacher_params)
+    mapping = None
+    if columns is not None:
+        pairs = [p.split("=", 1) for p in columns.split(",") if p.strip()]
+        if not pairs or any(len(p) != 2 or p[0].strip() not in ("prompt", "answer") or not p[1].strip() for p in pairs):
+            raise ConfigError(f"--columns {columns!r}: give field=column pairs for prompt and answer, e.g. prompt=question,answer=final")
+        mapping = {f.strip(): c.strip() for f, c in pairs}
+    summary = run_generate(prompts, Path(out), settings, teacher, remote, n, batch_size, chat_template, dtype, teacher_params,
+                           split=split, columns=mapping)  # fmt: skip
     typer.echo(json.dumps(summary, indent=2))
 
 
@@ -223,7 +232,7 @@ def student(
     seed: Annotated[int, typer.Option(help="Seed of a random init.")] = 0,
     prune: Annotated[bool, typer.Option("--prune", help="Cut the student from the teacher by measured importance.")] = False,
     params: Annotated[str | None, typer.Option(help="--prune to this many parameters, e.g. 60M.")] = None,
-    calibration: Annotated[str | None, typer.Option(help="--prune: JSONL rows to measure on (default: built-in).")] = None,
+    calibration: Annotated[str | None, typer.Option(help="--prune: JSONL rows or an hf: source to measure on (default: built-in).")] = None,
     calibration_rows: Annotated[int | None, typer.Option(help="--prune: calibration rows (default 256).")] = None,
 ):
     """Make a smaller student from a teacher: layer drop, narrower, another family, or pruned by importance."""

@@ -10,6 +10,7 @@
     RUN/train_summary.json     steps, tokens, wall time, ...
     RUN/eval.json              held-out evaluation
     RUN/budget.json            tokens, FLOPs and seconds per phase
+    RUN/trackers/              files of the experiment trackers (train.report_to)
 """
 
 from pathlib import Path
@@ -22,6 +23,7 @@ STUDENT = "student"
 PROJECTORS = "projectors"
 LATENTS = "latents"
 TRAIN_SUMMARY = "train_summary.json"
+TRACKERS = "trackers"
 EVAL = "eval.json"
 BUDGET = "budget.json"
 CHECKPOINT_STATE = "state.json"  # inside a checkpoint: its step, written last

@@ -14,19 +14,40 @@ from pydantic import Field, field_validator, model_validator
 from distill.config.base import Section
 from distill.config.evaluation import EvalConfig, GatesConfig
 from distill.config.model import ModelConfig
+from distill.data.sources import ROW_FIELDS, is_hf, local_path
 
 
 class DataConfig(Section):
     source: str = "builtin:chain"
-    """'builtin:chain' (the built-in task) or a JSONL file of {"prompt", "completion"} rows
-    ({"text"} rows: a completion with no prompt)."""
+    """'builtin:chain' (the built-in task), a JSONL file of {"prompt", "completion"} rows
+    ({"text"} rows: a completion with no prompt), or 'hf:PATH', read with Hugging Face
+    datasets: a save_to_disk folder, a parquet / arrow / JSON / CSV file, a folder of such
+    files, or a hub dataset name (a .parquet or .arrow path needs no 'hf:')."""
     eval_source: str | None = None
-    """For JSONL data: a held-out JSONL file (the built-in task has its own test split). Unset
-    with {"text"} rows: 5% of the rows are held out by a hash of their text (at least one)."""
+    """For JSONL or hf: data: the held-out rows, a JSONL file or an hf: source (the built-in task
+    has its own test split). Unset with {"text"} rows: 5% of the rows are held out by a hash of
+    their text (at least one)."""
+    split: str | None = None
+    """The split of an hf: data.source that training reads (a DatasetDict folder, a folder of
+    data files, a hub dataset); null: 'train'. A single file or Dataset folder has just one."""
+    eval_split: str | None = None
+    """The split of an hf: data.eval_source; null: 'test' (a single file or Dataset folder has
+    just one, which is read)."""
+    columns: dict[str, str] = Field(default_factory=dict)
+    """hf: sources: {row field: dataset column} for the fields prompt, completion, text, answer,
+    rationale (and messages), e.g. {prompt: question, completion: answer}. An unmapped field is
+    read from the column of its own name, unless that column is mapped to another field."""
+    streaming: bool = False
+    """hf: sources: read only the first n_train training rows (n_test held-out rows) in the
+    dataset's own order, without loading the rest (a hub dataset: without downloading it). The
+    run trains on exactly those rows, in the usual (seed, step) order."""
+    subset: str | None = None
+    """The configuration (subset) of a hub dataset, e.g. 'main' of openai/gsm8k."""
     seed: int = 0
     """Seed of the built-in task's problems and splits."""
     n_train: int = Field(20000, ge=1)
-    """Training problems generated for the built-in task."""
+    """Training problems generated for the built-in task; with streaming, the rows read from an
+    hf: source (JSONL files and hf: sources without streaming: all their rows)."""
     n_test: int = Field(500, ge=0)
     """Held-out problems (or held-out rows, at most) for evaluation."""
     min_ops: int = Field(3, ge=1)
@@ -50,9 +71,32 @@ class DataConfig(Section):
     @classmethod
     def _eval_source_exists(cls, value: str | None) -> str | None:
         """Checked now: evaluation reads it only after the whole training run."""
-        if value is not None and not value.startswith("builtin:") and not Path(value).is_file():
+        if value is not None and is_hf(value):
+            path = local_path(value)  # None: a hub name, which only reading it can check
+            if path is not None and not path.exists():
+                raise ValueError(f"not found: {value!r} (the held-out rows evaluation reads after training)")
+        elif value is not None and not value.startswith("builtin:") and not Path(value).is_file():
             raise ValueError(f"file not found: {value!r} (the held-out rows evaluation reads after training)")
         return value
+
+    @field_validator("columns")
+    @classmethod
+    def _row_fields(cls, value: dict[str, str]) -> dict[str, str]:
+        for field, column in value.items():
+            if field not in ROW_FIELDS:
+                raise ValueError(f"'{field}' is not a row field (fields: {', '.join(ROW_FIELDS)})")
+            if not column:
+                raise ValueError(f"columns.{field} is empty; give a column name")
+        return value
+
+    @model_validator(mode="after")
+    def _hf_keys(self):
+        """split, eval_split, columns, streaming and subset read hf: sources only."""
+        used = [k for k in ("split", "eval_split", "columns", "streaming", "subset") if getattr(self, k)]
+        if used and not any(s is not None and is_hf(s) for s in (self.source, self.eval_source)):
+            hint = "" if self.source.startswith("builtin:") else f" (read it through datasets as 'hf:{self.source}')"
+            raise ValueError(f"{', '.join('data.' + k for k in used)} apply to Hugging Face sources; data.source is {self.source!r}{hint}")
+        return self
 
     @model_validator(mode="after")
     def _ops_range(self):
@@ -152,6 +196,21 @@ class TrainConfig(Section):
     """Save a checkpoint every N steps (0: only at the end)."""
     keep_checkpoints: int = Field(2, ge=1)
     """How many recent checkpoints to keep."""
+    report_to: list[Literal["tensorboard", "wandb", "trackio", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab"]] = Field(default_factory=list)
+    """Experiment trackers (through Accelerate's) that get every numeric metrics.jsonl field at
+    its step, and the run config; metrics.jsonl stays the run's record. Each needs its package
+    (`pip install tensorboard`, ...); files of local trackers go under RUN/trackers/."""
+    tracker_project: str = Field("distill", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+    """The trackers' project name (wandb / trackio project, TensorBoard folder RUN/trackers/NAME):
+    letters, digits, '.', '_', '-'. The run's name in them is its out_dir folder's name."""
+
+    @field_validator("report_to")
+    @classmethod
+    def _each_tracker_once(cls, value: list[str]) -> list[str]:
+        twice = sorted({name for name in value if value.count(name) > 1})
+        if twice:
+            raise ValueError(f"names {', '.join(twice)} more than once")
+        return value
 
     @field_validator("betas")
     @classmethod

@@ -7,10 +7,22 @@ when `data.packing` says so, or (null) when the rows are text rows.
 """
 
 from distill.config import DataConfig, RunConfig
+from distill.data.hf import hf_rows
 from distill.data.packing import pack_examples
 from distill.data.rationale import task_rows
 from distill.data.rows import Example, Row, is_text, load_rows, text_split, tokenize_rows
+from distill.data.sources import is_hf
 from distill.errors import DistillError
+
+
+def read_rows(dcfg: DataConfig, source: str, split: str, n: int) -> list[Row]:
+    """The rows of `source`: a JSONL file, an hf: source (data.split for the training rows,
+    data.eval_split for the held-out ones; the first n with data.streaming), or a built-in task."""
+    if is_hf(source):
+        held = split != "train"
+        pick, default, key = (dcfg.eval_split, "test", "data.eval_split") if held else (dcfg.split, "train", "data.split")
+        return hf_rows(source, pick, dcfg.columns, dcfg.streaming, n, dcfg.subset, default, key)
+    return load_rows(source, split, n, dcfg.seed, dcfg.min_ops, dcfg.max_ops)
 
 
 def build_rows(dcfg: DataConfig, split: str) -> list[Row]:
@@ -19,8 +31,8 @@ def build_rows(dcfg: DataConfig, split: str) -> list[Row]:
         n = dcfg.n_train if split == "train" else dcfg.n_test
         return load_rows(dcfg.source, split, n, dcfg.seed, dcfg.min_ops, dcfg.max_ops)
     if split != "train" and dcfg.eval_source is not None:
-        return load_rows(dcfg.eval_source, split, dcfg.n_test, dcfg.seed, dcfg.min_ops, dcfg.max_ops)[: dcfg.n_test]
-    rows = load_rows(dcfg.source, "train", dcfg.n_train, dcfg.seed, dcfg.min_ops, dcfg.max_ops)
+        return read_rows(dcfg, dcfg.eval_source, split, dcfg.n_test)[: dcfg.n_test]
+    rows = read_rows(dcfg, dcfg.source, "train", dcfg.n_train)
     if dcfg.eval_source is not None or not is_text(rows):
         return rows if split == "train" else []
     train, heldout = text_split(rows)

@@ -38,22 +38,26 @@ def builtin_rows(split: str, n: int, seed: int, min_ops: int, max_ops: int) -> l
 
 def read_jsonl(path: str | Path) -> list[Row]:
     """Read prompt/completion rows; a bad line is an error naming the file and line."""
-    rows = []
-    for where, obj in jsonl_objects(path, "dataset file"):
-        if "completion" not in obj and "text" not in obj:
-            raise DistillError(f"{where}: a row needs 'completion' (with 'prompt') or 'text'")
-        completion = obj.get("completion", obj.get("text"))
-        prompt = obj.get("prompt", "")
-        answer, rationale = obj.get("answer"), obj.get("rationale")
-        for key, val in (("prompt", prompt), ("completion", completion), ("rationale", rationale or "")):
-            if not isinstance(val, str):
-                raise DistillError(f"{where}: '{key}' must be a string, got {type(val).__name__}")
-        if not completion:
-            raise DistillError(f"{where}: empty completion")
-        rows.append(Row(prompt, completion, None if answer is None else str(answer), rationale))
+    rows = [row_from_object(obj, where) for where, obj in jsonl_objects(path, "dataset file")]
     if not rows:
         raise DistillError(f"{path}: the dataset is empty")
     return rows
+
+
+def row_from_object(obj: dict, where: str) -> Row:
+    """One row from a JSON object (a JSONL line, a Hugging Face dataset row); a bad one is an
+    error naming `where` (file:line, or the dataset and row number)."""
+    if "completion" not in obj and "text" not in obj:
+        raise DistillError(f"{where}: a row needs 'completion' (with 'prompt') or 'text'")
+    completion = obj.get("completion", obj.get("text"))
+    prompt = obj.get("prompt", "")
+    answer, rationale = obj.get("answer"), obj.get("rationale")
+    for key, val in (("prompt", prompt), ("completion", completion), ("rationale", rationale or "")):
+        if not isinstance(val, str):
+            raise DistillError(f"{where}: '{key}' must be a string, got {type(val).__name__}")
+    if not completion:
+        raise DistillError(f"{where}: empty completion")
+    return Row(prompt, completion, None if answer is None else str(answer), rationale)
 
 
 BUILTIN_SOURCES = ("builtin:chain", "builtin:grammar")

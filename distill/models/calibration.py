@@ -1,4 +1,4 @@
-"""Calibration text for importance pruning: rows of a JSONL file, or built-in prose.
+"""Calibration text for importance pruning: rows of a JSONL file or an hf: source, or built-in prose.
 
 The built-in set is CPython's language reference (`pydoc_data.topics`, shipped with
 Python): paragraphs of real English in a fixed order, so a prune with no
@@ -10,7 +10,9 @@ from pydoc_data.topics import topics
 
 import torch
 
+from distill.data.hf import hf_rows
 from distill.data.rows import read_jsonl
+from distill.data.sources import is_hf
 from distill.errors import DistillError
 
 CALIBRATION_ROWS = 256
@@ -36,7 +38,8 @@ def builtin_texts(n: int) -> list[str]:
 
 
 def calibration_texts(path: str | Path | None, n: int) -> list[str]:
-    """Up to n calibration texts: the first n rows of a JSONL file, else the built-in prose.
+    """Up to n calibration texts: the first n rows of a JSONL file or of an hf: source's train
+    split (streamed: only those rows are read), else the built-in prose.
 
     A row is {"text"} or {"prompt", "completion"} (prompt and completion are joined: the
     prompt's tokens are part of what the model reads).
@@ -45,7 +48,8 @@ def calibration_texts(path: str | Path | None, n: int) -> list[str]:
         raise DistillError(f"--calibration-rows must be at least 1, got {n}")
     if path is None:
         return builtin_texts(n)
-    return [row.prompt + row.completion for row in read_jsonl(path)[:n]]
+    rows = hf_rows(str(path), None, {}, True, n, None) if is_hf(str(path)) else read_jsonl(path)[:n]
+    return [row.prompt + row.completion for row in rows]
 
 
 def calibration_batches(

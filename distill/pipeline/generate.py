@@ -30,7 +30,9 @@ import torch
 
 from distill import rundir, seeds
 from distill.budget import forward_flops, record_phase
+from distill.data.hf import hf_objects
 from distill.data.rows import builtin_rows
+from distill.data.sources import is_hf
 from distill.errors import ConfigError, DistillError
 from distill.eval.evaluate import load_student
 from distill.models.loading import count_parameters
@@ -61,17 +63,24 @@ class GenerateSettings:
     """A system message; None: the chat template's own default."""
 
 
-def read_prompts(source: str, n: int | None) -> list[Prompt]:
-    """'builtin:chain' (the built-in task's training prompts, with gold answers; n of them)
-    or a JSONL file of {"prompt", "answer"?} rows (the first n, if n is given)."""
+def read_prompts(source: str, n: int | None, split: str | None = None, columns: dict[str, str] | None = None) -> list[Prompt]:
+    """'builtin:chain' (the built-in task's training prompts, with gold answers; n of them),
+    a JSONL file of {"prompt", "answer"?} rows, or an hf: source (its `split`, `columns`
+    mapping prompt / answer to its columns): the first n rows, if n is given."""
     if n is not None and n < 1:
         raise ConfigError(f"--n {n}: give at least 1 prompt (or leave --n out for every prompt of a file)")
     if source == "builtin:chain":
         if n is None:
             raise ConfigError("--prompts builtin:chain needs --n (how many training prompts)")
         return [Prompt(i, r.prompt, r.answer) for i, r in enumerate(builtin_rows("train", n, 0, 3, 6))]
+    if (split or columns) and not is_hf(source):
+        raise ConfigError(f"--split and --columns read hf: sources; --prompts is {source!r}")
     out = []
-    for where, obj in jsonl_objects(source, "prompt file"):
+    if is_hf(source):  # with --n, only the first n rows are read
+        objects = hf_objects(source, split, columns, n is not None, n, key="--split", needs=("prompt",), flag="--columns")
+    else:
+        objects = jsonl_objects(source, "prompt file")
+    for where, obj in objects:
         if not isinstance(obj.get("prompt"), str) or not obj["prompt"].strip():
             raise DistillError(f"{where}: a row needs a non-empty string 'prompt'")
         answer = obj.get("answer")
@@ -337,10 +346,12 @@ def run_generate(
     dtype: str = "float32",
     teacher_params: int | None = None,
     progress: bool = True,
+    split: str | None = None,
+    columns: dict[str, str] | None = None,
 ) -> dict:
     """Generate what is missing from OUT/generations.jsonl; returns a summary."""
     check_arguments(settings, teacher, server, batch_size)
-    prompts = read_prompts(prompts_source, n)
+    prompts = read_prompts(prompts_source, n, split, columns)
     out = Path(out)
     teacher_id = teacher if teacher is not None else f"{server.base_url.rstrip('/')}#{server.model}"
     meta = {

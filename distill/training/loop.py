@@ -25,6 +25,7 @@ from distill.training.features import export_projectors
 from distill.training.resume import release_run_dir
 from distill.training.setup import Run, setup
 from distill.training.step import train_step
+from distill.training.trackers import end_trackers, log_metrics, start_trackers
 
 
 class BudgetMeter:
@@ -77,6 +78,7 @@ def log_record(run: Run, record: dict) -> None:
     if run.acc.is_main_process:
         with open(run.run_dir / rundir.METRICS, "a") as f:
             f.write(json.dumps(record) + "\n")
+    log_metrics(run.acc, record)  # the trackers' copy (train.report_to), after the record
 
 
 def after_step(run: Run, done: int, budget: BudgetMeter) -> dict | None:
@@ -140,8 +142,10 @@ def finish(run: Run, tokens: int, wall: float, alignment: dict | None, before: d
 def train(cfg: RunConfig, resume: bool = False, show_progress: bool = True) -> dict:
     """Run (or resume) the run described by `cfg` in cfg.out_dir. Returns the train summary.
     The run folder is locked (RUN/.lock) from setup to the summary."""
+    run = None
     try:
         run = setup(cfg, resume)
+        start_trackers(run.acc, cfg, run.run_dir, run.start, resume)
         budget = BudgetMeter(run)
         budget.record()  # a resume: the totals through its checkpoint, in case their record was lost
         alignment = initial_probe(run)
@@ -159,4 +163,6 @@ def train(cfg: RunConfig, resume: bool = False, show_progress: bool = True) -> d
         progress.close()
         return finish(run, tokens, time.perf_counter() - t_start, alignment, budget.start)
     finally:
+        if run is not None:
+            end_trackers(run.acc)
         release_run_dir(cfg.out_dir)

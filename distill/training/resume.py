@@ -35,6 +35,8 @@ EXTENSION_KEYS = (
     "train.steps",
     "train.checkpoint_every",
     "train.keep_checkpoints",
+    "train.report_to",
+    "train.tracker_project",
     "features.probe_every",
     "eval",
     "gates",

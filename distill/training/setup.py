@@ -30,6 +30,7 @@ from distill.training.objective import LossTerm, build_extra_terms
 from distill.training.on_policy import check_prompts
 from distill.training.resume import open_run_dir, resume_from
 from distill.training.teachers import Teacher, build_teacher_source, use_fused_path
+from distill.training.trackers import accelerator_settings
 
 
 @dataclass
@@ -83,7 +84,7 @@ def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
 def make_accelerator(cfg: RunConfig) -> Accelerator:
     # accelerate only sets up multi-process CPU (gloo) when told cpu=True.
     cpu = cfg.train.device == "cpu" or not torch.cuda.is_available()
-    acc = Accelerator(cpu=cpu, mixed_precision="bf16" if cfg.train.precision == "bf16" else "no")
+    acc = Accelerator(cpu=cpu, mixed_precision="bf16" if cfg.train.precision == "bf16" else "no", **accelerator_settings(cfg))
     if cfg.features.weight > 0 and acc.distributed_type == DistributedType.FSDP:
         raise DistillError("features.weight > 0 runs on one process or DDP; FSDP does not shard the projectors yet")
     if cfg.on_policy.lmbda > 0 and acc.distributed_type == DistributedType.FSDP:
