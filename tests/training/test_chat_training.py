@@ -181,3 +181,26 @@ def test_chat_prompts_need_a_template_and_a_user_turn_last(tmp_path):
     with pytest.raises(ConfigError, match="chat prompts .* need the chat template"):
         run_generate(chat_prompts(tmp_path / "p.jsonl"), tmp_path / "o2", GenerateSettings(), teacher=str(tmp_path / "plain"),
                      progress=False)  # fmt: skip
+
+
+def test_cli_names_the_row_the_template_refuses(chat_tree, tmp_path):
+    """Through the real command: one error line naming the file and row, exit 1, no run written."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    rows = [json.loads(x) for x in Path(chat_tree["data"]["source"]).read_text().splitlines()][:3]
+    rows[1]["messages"].insert(1, {"role": "user", "content": "twice"})  # user, user: the template refuses
+    chat_tree["data"]["source"] = str(tmp_path / "bad.jsonl")
+    (tmp_path / "bad.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(chat_tree))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "distill", "train", str(tmp_path / "run.yaml")]
+    proc = subprocess.run(command, check=False, capture_output=True, text=True, env=env, timeout=300)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr and len(errors) == 1, proc.stderr
+    assert "bad.jsonl: row 2: the chat template refuses this conversation: Conversation roles must alternate" in errors[0]
+    assert not (tmp_path / "run" / "checkpoints").exists()
