@@ -113,7 +113,7 @@ def _server_settings(server: str | None, model: str | None, api_key_env: str, co
 
 @app.command()
 def generate(
-    prompts: Annotated[str, typer.Option(help="Prompts: a JSONL file of {prompt, answer?} rows, an hf: source, or builtin:chain.")],
+    prompts: Annotated[str, typer.Option(help="Prompts: a JSONL file of {prompt, answer?} or chat {messages, answer?} rows, an hf: source, or builtin:chain.")],
     out: Annotated[str, typer.Option(help="Output folder (generations.jsonl); rerun the same command to resume.")],
     teacher: Annotated[str | None, typer.Option(help="Local teacher: hub id, folder, run dir, .gguf or packaged alias.")] = None,
     server: Annotated[str | None, typer.Option(help="OpenAI-compatible server, e.g. http://localhost:8000/v1.")] = None,

@@ -67,3 +67,63 @@ def crash_at(monkeypatch, step: int, run) -> None:
     with pytest.raises(KeyboardInterrupt):
         run()
     monkeypatch.setattr(train_mod.Progress, "update", real_update)
+
+
+# A small chat template for the built-in character tokenizer (chat rows in unit tests): a
+# turn is <|role|>content<eos> and a space (whitespace after the end-of-turn token, like
+# ChatML's newline), a default system prompt when the conversation has none, user and
+# assistant turns must alternate (raise_exception, as real templates do), and {% generation %}
+# marks what an assistant turn must learn: transformers' assistant mask, to test against.
+TINY_CHAT_TEMPLATE = (
+    "{% if messages[0]['role'] != 'system' %}<|system|>be brief<eos> {% endif %}"
+    "{% for m in messages %}"
+    "{% if loop.index0 > 0 and m['role'] != 'system' and messages[loop.index0 - 1]['role'] == m['role'] %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if m['role'] == 'assistant' %}<|assistant|>{% generation %}{{ m['content'] }}<eos>{% endgeneration %} "
+    "{% else %}<|{{ m['role'] }}|>{{ m['content'] }}<eos> {% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+CHAT_ROLE_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>"]
+
+
+def chat_tokenizer():
+    """The built-in character tokenizer with role tokens and TINY_CHAT_TEMPLATE."""
+    from distill.data.tasks.tokenizer import chain_tokenizer
+
+    tok = chain_tokenizer()
+    tok.add_tokens(CHAT_ROLE_TOKENS, special_tokens=True)
+    tok.chat_template = TINY_CHAT_TEMPLATE
+    return tok
+
+
+def save_chat_tokenizer(folder) -> str:
+    """`chat_tokenizer()` saved where a run config's `tokenizer:` can name it."""
+    chat_tokenizer().save_pretrained(folder)
+    return str(folder)
+
+
+def chat_rows(n: int, seed: int = 0, turns: tuple[int, int] = (1, 2)) -> list[dict]:
+    """{"messages"} rows the character tokenizer reads: user questions and assistant answers
+    of random lowercase words, 1 or 2 exchanges (under 128 tokens), a system prompt on every third row."""
+    import random
+
+    rng = random.Random(seed)
+
+    def words(k: int) -> str:
+        return " ".join("".join(rng.choice("abcdefghij") for _ in range(rng.randint(1, 4))) for _ in range(k))
+
+    rows = []
+    for i in range(n):
+        messages = [{"role": "system", "content": words(2)}] if i % 3 == 0 else []
+        for _ in range(rng.randint(*turns)):
+            messages += [{"role": "user", "content": words(rng.randint(1, 4))},
+                         {"role": "assistant", "content": words(rng.randint(1, 5))}]  # fmt: skip
+        rows.append({"messages": messages})
+    return rows
+
+
+def write_chat_rows(path, n: int, seed: int = 0) -> str:
+    """A JSONL file of `chat_rows`; returns its path."""
+    Path(path).write_text("".join(json.dumps(r) + "\n" for r in chat_rows(n, seed)))
+    return str(path)

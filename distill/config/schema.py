@@ -20,7 +20,8 @@ from distill.data.sources import ROW_FIELDS, is_hf, local_path
 class DataConfig(Section):
     source: str = "builtin:chain"
     """'builtin:chain' (the built-in task), a JSONL file of {"prompt", "completion"} rows
-    ({"text"} rows: a completion with no prompt), or 'hf:PATH', read with Hugging Face
+    ({"text"} rows: a completion with no prompt; {"messages"} rows: chat, rendered with the
+    student's chat template, the loss on the assistant turns), or 'hf:PATH', read with Hugging Face
     datasets: a save_to_disk folder, a parquet / arrow / JSON / CSV file, a folder of such
     files, or a hub dataset name (a .parquet or .arrow path needs no 'hf:')."""
     eval_source: str | None = None

@@ -22,6 +22,8 @@ TASK_NAMES = ("", "rationale_")  # metric prefixes: task_ce, kd, ... and rationa
 def _check(rows: list[Row], cfg: RationaleConfig, source: str) -> None:
     needs = ("answer", "rationale") if cfg.mode == "multitask" else ("answer",)
     for i, r in enumerate(rows):
+        if r.messages is not None:
+            raise DistillError(f"{source}: row {i + 1} is a chat row; rationale.mode={cfg.mode} takes prompt/completion rows")
         for key in needs:
             if not getattr(r, key):
                 raise DistillError(f"{source}: row {i + 1} has no '{key}' (rationale.mode={cfg.mode} needs {' and '.join(needs)})")

@@ -1,10 +1,11 @@
 """Datasets as (prompt, completion) rows, tokenized with the prompt masked out of the loss.
 
 Sources: the built-in task (`builtin:chain`) or a JSONL file of {"prompt", "completion"}
-rows ({"text"} alone is a completion with an empty prompt). A JSONL file of text rows with
-no held-out file is split by a hash of each row's text (`text_split`). The order of
-examples is a pure function of (seed, step), so a resumed or multi-process run sees
-exactly the batches an uninterrupted single-process run would.
+rows ({"text"} alone is a completion with an empty prompt) or {"messages"} chat rows
+(`distill.data.chat`: the model's chat template, the loss on the assistant turns). A JSONL
+file of text rows with no held-out file is split by a hash of each row's text
+(`text_split`). The order of examples is a pure function of (seed, step), so a resumed or
+multi-process run sees exactly the batches an uninterrupted single-process run would.
 """
 
 import dataclasses
@@ -15,6 +16,7 @@ from pathlib import Path
 import torch
 
 from distill import seeds
+from distill.data import chat
 from distill.data.tasks import chain, grammar
 from distill.errors import DistillError
 from distill.loss.token_losses import IGNORE_INDEX
@@ -27,6 +29,7 @@ class Row:
     completion: str
     answer: str | None = None  # gold answer, where exact grading is possible
     rationale: str | None = None  # the reasoning before the answer (step-by-step training)
+    messages: tuple[chat.Message, ...] | None = None  # a chat row; prompt/completion then hold its plain text
 
 
 def builtin_rows(split: str, n: int, seed: int, min_ops: int, max_ops: int) -> list[Row]:
@@ -37,7 +40,7 @@ def builtin_rows(split: str, n: int, seed: int, min_ops: int, max_ops: int) -> l
 
 
 def read_jsonl(path: str | Path) -> list[Row]:
-    """Read prompt/completion rows; a bad line is an error naming the file and line."""
+    """Read prompt/completion, text or chat rows; a bad line is an error naming the file and line."""
     rows = [row_from_object(obj, where) for where, obj in jsonl_objects(path, "dataset file")]
     if not rows:
         raise DistillError(f"{path}: the dataset is empty")
@@ -46,9 +49,13 @@ def read_jsonl(path: str | Path) -> list[Row]:
 
 def row_from_object(obj: dict, where: str) -> Row:
     """One row from a JSON object (a JSONL line, a Hugging Face dataset row); a bad one is an
-    error naming `where` (file:line, or the dataset and row number)."""
+    error naming `where` (file:line, or the dataset and row number). A row with "messages" is a
+    chat row (its "prompt" and "completion", which `distill generate` writes beside them, are
+    then not read)."""
+    if "messages" in obj:
+        return chat_row(obj, where)
     if "completion" not in obj and "text" not in obj:
-        raise DistillError(f"{where}: a row needs 'completion' (with 'prompt') or 'text'")
+        raise DistillError(f"{where}: a row needs 'completion' (with 'prompt'), 'text' or chat 'messages'")
     completion = obj.get("completion", obj.get("text"))
     prompt = obj.get("prompt", "")
     answer, rationale = obj.get("answer"), obj.get("rationale")
@@ -58,6 +65,18 @@ def row_from_object(obj: dict, where: str) -> Row:
     if not completion:
         raise DistillError(f"{where}: empty completion")
     return Row(prompt, completion, None if answer is None else str(answer), rationale)
+
+
+def chat_row(obj: dict, where: str) -> Row:
+    messages = chat.parse_messages(obj["messages"], where)
+    answer = obj.get("answer")
+    return Row(*chat.plain_parts(messages), None if answer is None else str(answer), messages=messages)
+
+
+def prompt_text(row: Row, tokenizer, where: str = "data") -> str:
+    """The text a model is asked to continue: the row's prompt, or a chat row's conversation
+    before its last assistant turn with the template's generation prompt."""
+    return row.prompt if row.messages is None else chat.generation_prompt(tokenizer, row.messages, where)
 
 
 BUILTIN_SOURCES = ("builtin:chain", "builtin:grammar")
@@ -75,7 +94,7 @@ def load_rows(source: str, split: str, n: int, seed: int, min_ops: int, max_ops:
 
 def is_text(rows: list[Row]) -> bool:
     """True for plain-text rows: every row has an empty prompt (a {"text"} row)."""
-    return bool(rows) and all(not r.prompt for r in rows)
+    return bool(rows) and all(not r.prompt and r.messages is None for r in rows)
 
 
 HELDOUT_SHARE = 0.05  # of text rows held out for evaluation when there is no data.eval_source
@@ -118,7 +137,7 @@ def bounded_rows(rows: list[Row], max_length: int, source: str, truncate: bool) 
     limit = max_length * MAX_CHARS_PER_TOKEN
     out = list(rows)
     for i, r in enumerate(rows):
-        chars = len(r.prompt) + len(r.completion)
+        chars = len(r.prompt) + len(r.completion) if r.messages is None else sum(len(c) for _, c in r.messages)
         if chars <= limit:
             continue
         if not truncate:
@@ -126,12 +145,38 @@ def bounded_rows(rows: list[Row], max_length: int, source: str, truncate: bool) 
                 f"{source}: row {i + 1} has {chars:,} characters, more than data.max_length={max_length} tokens can "
                 f"hold (checked before tokenizing; data.truncate=true cuts such rows)"
             )
+        if r.messages is not None:
+            messages = chat.cut_messages(r.messages, limit)
+            out[i] = dataclasses.replace(r, messages=messages, **dict(zip(("prompt", "completion"), chat.plain_parts(messages))))
+            continue
         out[i] = dataclasses.replace(r, prompt=r.prompt[:limit], completion=r.completion[: max(limit - len(r.prompt), 1)])
     return out
 
 
+def _token_pairs(rows: list[Row], tokenizer, eos: int, source: str) -> list[tuple[list[int], list[int]]]:
+    """(input_ids, labels) per row: prompt + completion + EOS (the loss on completion and
+    EOS), or a chat row as its template renders it (the loss on the assistant turns)."""
+    plain = [i for i, r in enumerate(rows) if r.messages is None]
+    out: list = [None] * len(rows)
+    if plain:
+        prompts = tokenizer([rows[i].prompt for i in plain], add_special_tokens=False).input_ids
+        completions = tokenizer([rows[i].completion for i in plain], add_special_tokens=False).input_ids
+        for i, p, c in zip(plain, prompts, completions):
+            out[i] = (p + c + [eos], [IGNORE_INDEX] * len(p) + c + [eos])
+    for i, r in enumerate(rows):
+        if r.messages is not None:
+            out[i] = chat.chat_example(tokenizer, r.messages, f"{source}: row {i + 1}")
+    return out
+
+
+def _first_target(labels: list[int]) -> int:
+    """Tokens before the first supervised label (a row's prompt)."""
+    return next((t for t, label in enumerate(labels) if label != IGNORE_INDEX), len(labels))
+
+
 def tokenize_rows(rows: list[Row], tokenizer, max_length: int, source: str = "data", truncate: bool = False) -> list[Example]:
-    """prompt + completion + EOS; the loss falls on completion and EOS only.
+    """prompt + completion + EOS; the loss falls on completion and EOS only. A chat row: the
+    template's rendering, the loss on the assistant turns (`distill.data.chat`).
 
     A row over `max_length` tokens is an error naming it, or with `truncate` cut to its
     first `max_length` tokens (it then has no EOS); a row whose prompt alone fills
@@ -143,20 +188,20 @@ def tokenize_rows(rows: list[Row], tokenizer, max_length: int, source: str = "da
     if not rows:
         return []
     rows = bounded_rows(rows, max_length, source, truncate)  # before tokenizing: a 50 MB row never reaches it
-    prompts = tokenizer([r.prompt for r in rows], add_special_tokens=False).input_ids
-    completions = tokenizer([r.completion for r in rows], add_special_tokens=False).input_ids
     out = []
-    for i, (p, c) in enumerate(zip(prompts, completions)):
-        ids, labels = p + c + [eos], [IGNORE_INDEX] * len(p) + c + [eos]
+    for i, (ids, labels) in enumerate(_token_pairs(rows, tokenizer, eos, source)):
+        n_prompt = _first_target(labels)  # tokens before the first target: a row's prompt
+        if n_prompt == len(labels):
+            raise DistillError(f"{source}: row {i + 1}: the chat template renders no assistant token to learn")
         if len(ids) > max_length:
             if not truncate:
                 raise DistillError(
                     f"{source}: row {i + 1} is {len(ids)} tokens, over data.max_length={max_length} "
                     f"(data.truncate=true cuts such rows)"
                 )
-            if max(len(p), 1) >= max_length:  # labels[1:] would hold no target
+            if max(n_prompt, 1) >= max_length:  # labels[1:] would hold no target
                 raise DistillError(
-                    f"{source}: row {i + 1} has a {len(p)}-token prompt; data.max_length={max_length} leaves no target"
+                    f"{source}: row {i + 1} has a {n_prompt}-token prompt; data.max_length={max_length} leaves no target"
                 )
             ids, labels = ids[:max_length], labels[:max_length]
         out.append(Example(ids, labels))

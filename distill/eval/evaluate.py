@@ -12,7 +12,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 from distill import rundir, seeds
 from distill.config import EvalConfig
-from distill.data.rows import Example, Row, collate, tokenize_rows
+from distill.data.rows import Example, Row, collate, prompt_text, tokenize_rows
 from distill.eval import metrics
 from distill.eval.answers import grade, splitter
 from distill.models.loading import count_parameters, load_causal_lm, load_tokenizer
@@ -227,7 +227,7 @@ def evaluate_rows(
         scored_tokens, generated_tokens, flops.
     """
     t0 = time.perf_counter()
-    bs, prompts = settings.batch_size, [r.prompt for r in rows]
+    bs, prompts = settings.batch_size, [prompt_text(r, tokenizer, f"eval: row {i + 1}") for i, r in enumerate(rows)]
     forced = forced_scores(model, tokenizer, rows, bs, max_length, teacher, vocab, truncate)
     count = max(forced["count"], 1.0)
     ce = forced["student_ce"] / count

@@ -18,8 +18,8 @@ Each generation row is split into (rationale, answer) by an answer format
 
 Kept rows (curated.jsonl) are training rows: prompt, completion (the teacher's text,
 rationale then answer), rationale, answer, plus gold, majority_answer, agreement and
-n_samples columns. Rejected rows go to rejected.jsonl with their reason; curation.json
-counts both.
+n_samples columns; the rows of chat prompts keep their "messages" (and train as chat rows).
+Rejected rows go to rejected.jsonl with their reason; curation.json counts both.
 """
 
 import json
@@ -144,6 +144,7 @@ def curate(generations: list[dict], s: CurateSettings) -> tuple[list[dict], list
             "prompt": g["prompt"], "completion": g["completion"].strip(), "rationale": rationale, "answer": answer,
             "gold": g.get("answer"), "prompt_hash": g["prompt_hash"], "key": g.get("key"), "teacher": g.get("teacher"),
             "finish_reason": g.get("finish_reason"), "_norm": None if answer is None else normalize(answer),
+            **({"messages": g["messages"]} if "messages" in g else {}),  # a chat prompt's: its rows train as chat rows
         })
     groups: dict[str, list[dict]] = {}
     for r in rows:

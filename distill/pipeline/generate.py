@@ -10,6 +10,10 @@ Two backends, one output. A local transformers teacher samples in batches with a
 
 in OUT/generations.jsonl, beside OUT/generate.json (the settings) and OUT/budget.json.
 
+A prompt row may be a chat row, {"messages": [...]}: the teacher answers the conversation so
+far (a last assistant turn is dropped and written anew), and the row also carries
+"messages", the conversation with the teacher's turn appended: a training row as it stands.
+
 Resumable: a row is appended whole, right after its reply, and a rerun of the same command
 skips every key already in the file; a line that a kill cut in half is dropped from the
 tail first. Each row's sampling seed comes from (seed, prompt hash, sample), so a resumed
@@ -18,7 +22,6 @@ run writes what an uninterrupted one would have.
 
 import asyncio
 import concurrent.futures
-import hashlib
 import json
 import os
 import sys
@@ -30,24 +33,15 @@ import torch
 
 from distill import rundir, seeds
 from distill.budget import forward_flops, record_phase
-from distill.data.hf import hf_objects
-from distill.data.rows import builtin_rows
-from distill.data.sources import is_hf
 from distill.errors import ConfigError, DistillError
 from distill.eval.evaluate import load_student
 from distill.models.loading import count_parameters
-from distill.paths import atomic_write_json, jsonl_objects, read_json
+from distill.paths import atomic_write_json, read_json
 from distill.pipeline.chat_client import Reply, ServerSettings, complete_all
+from distill.pipeline.prompts import Prompt, prompt_hash, read_prompts
 from distill.training.rollout import Sampling, rollout
 
 OUTPUT = "generations.jsonl"
-
-
-@dataclass(frozen=True)
-class Prompt:
-    index: int
-    prompt: str
-    answer: str | None  # gold answer, where known
 
 
 @dataclass(frozen=True)
@@ -61,39 +55,6 @@ class GenerateSettings:
     seed: int = 0
     system: str | None = None
     """A system message; None: the chat template's own default."""
-
-
-def read_prompts(source: str, n: int | None, split: str | None = None, columns: dict[str, str] | None = None) -> list[Prompt]:
-    """'builtin:chain' (the built-in task's training prompts, with gold answers; n of them),
-    a JSONL file of {"prompt", "answer"?} rows, or an hf: source (its `split`, `columns`
-    mapping prompt / answer to its columns): the first n rows, if n is given."""
-    if n is not None and n < 1:
-        raise ConfigError(f"--n {n}: give at least 1 prompt (or leave --n out for every prompt of a file)")
-    if source == "builtin:chain":
-        if n is None:
-            raise ConfigError("--prompts builtin:chain needs --n (how many training prompts)")
-        return [Prompt(i, r.prompt, r.answer) for i, r in enumerate(builtin_rows("train", n, 0, 3, 6))]
-    if (split or columns) and not is_hf(source):
-        raise ConfigError(f"--split and --columns read hf: sources; --prompts is {source!r}")
-    out = []
-    if is_hf(source):  # with --n, only the first n rows are read
-        objects = hf_objects(source, split, columns, n is not None, n, key="--split", needs=("prompt",), flag="--columns")
-    else:
-        objects = jsonl_objects(source, "prompt file")
-    for where, obj in objects:
-        if not isinstance(obj.get("prompt"), str) or not obj["prompt"].strip():
-            raise DistillError(f"{where}: a row needs a non-empty string 'prompt'")
-        answer = obj.get("answer")
-        out.append(Prompt(len(out), obj["prompt"], None if answer is None else str(answer)))
-        if n is not None and len(out) == n:
-            break
-    if not out:
-        raise DistillError(f"{source}: no prompts")
-    return out
-
-
-def prompt_hash(prompt: str, system: str | None) -> str:
-    return hashlib.sha256(f"{system or ''}\x00{prompt}".encode()).hexdigest()[:16]
 
 
 class RowFile:
@@ -168,7 +129,9 @@ def make_row(job: Job, reply: Reply, teacher: str, s: GenerateSettings) -> dict:
         "seconds": round(reply.seconds, 4),
         "retries": reply.retries,
         **({"error": reply.error} if reply.error else {}),
-    }
+        **({"messages": job.prompt.conversation(s.system) + [{"role": "assistant", "content": reply.text}]}
+           if job.prompt.messages is not None and not reply.error else {}),
+    }  # fmt: skip
 
 
 class LocalTeacher:
@@ -189,16 +152,15 @@ class LocalTeacher:
             raise DistillError(f"the tokenizer of {name} has no eos_token: generations could never end")
         self.pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
 
-    def encode(self, prompt: str, system: str | None) -> list[int]:
+    def encode(self, prompt: Prompt, system: str | None) -> list[int]:
         if not self.chat:
-            return self.tokenizer(prompt, add_special_tokens=False).input_ids
-        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            return self.tokenizer(prompt.prompt, add_special_tokens=False).input_ids
+        text = self.tokenizer.apply_chat_template(prompt.conversation(system), tokenize=False, add_generation_prompt=True)
         return self.tokenizer(text, add_special_tokens=False).input_ids
 
     def replies(self, jobs: list[Job], s: GenerateSettings) -> list[Reply]:
         sampling = Sampling(s.max_new_tokens, s.temperature, s.top_k, s.top_p)
-        ids = [self.encode(j.prompt.prompt, s.system) for j in jobs]
+        ids = [self.encode(j.prompt, s.system) for j in jobs]
         t0 = time.perf_counter()
         done = rollout(self.model, ids, sampling, self.tokenizer.eos_token_id, self.pad, [j.seed for j in jobs])
         share = (time.perf_counter() - t0) / len(jobs)
@@ -210,12 +172,9 @@ class LocalTeacher:
 
 
 def server_body(settings: ServerSettings, job: Job, s: GenerateSettings) -> dict:
-    messages = ([{"role": "system", "content": s.system}] if s.system else []) + [
-        {"role": "user", "content": job.prompt.prompt}
-    ]
     body = {
         "model": settings.model,
-        "messages": messages,
+        "messages": job.prompt.conversation(s.system),
         "temperature": s.temperature,
         "top_p": s.top_p,
         "max_tokens": s.max_new_tokens,
@@ -278,7 +237,7 @@ def make_jobs(prompts: list[Prompt], settings: GenerateSettings) -> list[Job]:
     """`settings.samples` jobs per distinct prompt, each with its own sampling seed."""
     jobs, seen = [], set()
     for p in prompts:
-        phash = prompt_hash(p.prompt, settings.system)
+        phash = prompt_hash(p.identity, settings.system)
         if phash in seen:
             continue  # a repeated prompt is generated once
         seen.add(phash)
@@ -301,7 +260,9 @@ def generate_local(
     """Sample the jobs with a local transformers teacher, a batch at a time; append each row."""
     local = LocalTeacher(teacher, chat_template, dtype)
     tally.params = local.params
-    todo = sorted(todo, key=lambda j: len(j.prompt.prompt))  # similar lengths share a batch: less padding
+    if not local.chat and any(j.prompt.messages is not None for j in todo):
+        raise ConfigError(f"chat prompts ({{\"messages\"}}) need the chat template of {teacher}: it has none, or --no-chat-template")
+    todo = sorted(todo, key=lambda j: len(j.prompt.identity))  # similar lengths share a batch: less padding
     for i in range(0, len(todo), batch_size):
         batch = todo[i : i + batch_size]
         for job, reply in zip(batch, local.replies(batch, settings)):

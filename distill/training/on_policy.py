@@ -7,7 +7,8 @@ so all ranks take the same kind of step without talking. Each process samples th
 completions of all its micro-batches in one rollout (not one per micro-batch), with the
 weights of the start of the step, then splits them back into micro-batches. The prompt
 stays masked out of the loss; the completion (and EOS when sampled) is what the teacher
-and student are compared on.
+and student are compared on. A chat row's prompt is its conversation up to the last
+assistant turn: the student writes that turn (earlier assistant turns are context).
 """
 
 import torch
@@ -39,11 +40,19 @@ def example_seed(seed: int, step: int, index: int) -> int:
 
 
 def prompt_length(example: Example) -> int:
-    """Tokens before the first supervised label (the prompt)."""
-    for i, label in enumerate(example.labels):
-        if label != IGNORE_INDEX:
-            return i
-    return len(example.labels)
+    """Tokens before the last supervised span: the prompt of a prompt/completion row; of a
+    chat row, the conversation before its last assistant turn with the template's generation
+    prompt (`distill.data.chat`), which the student continues. No label: the whole example."""
+    labels = example.labels
+    end = len(labels)
+    while end > 0 and labels[end - 1] == IGNORE_INDEX:
+        end -= 1
+    if end == 0:
+        return len(labels)
+    start = end - 1
+    while start > 0 and labels[start - 1] != IGNORE_INDEX:
+        start -= 1
+    return start
 
 
 def check_prompts(examples: list[Example], max_new_tokens: int, max_length: int) -> None:

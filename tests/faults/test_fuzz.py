@@ -185,7 +185,11 @@ def test_no_config_produces_a_traceback(cli, setup_only, edits, raw):
 
 
 row_keys = st.sampled_from(["prompt", "completion", "text", "answer", "rationale", "key", "finish_reason", "prompt_hash", "x"])
+turns = st.fixed_dictionaries(  # chat rows: plausible turns and wild ones
+    {"role": st.one_of(st.sampled_from(["system", "user", "assistant", "tool"]), wild), "content": st.one_of(st.text(max_size=20), wild)}
+)
 rows = st.one_of(
+    st.fixed_dictionaries({"messages": st.one_of(st.lists(turns, max_size=4), wild)}).map(lambda d: json.dumps(d).encode()),
     st.dictionaries(row_keys, wild, max_size=5).map(lambda d: json.dumps(d).encode()),
     st.fixed_dictionaries({"prompt": st.text(max_size=30), "completion": st.text(max_size=30)}, optional={"answer": wild}).map(
         lambda d: json.dumps(d, ensure_ascii=False).encode()
