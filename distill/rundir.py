@@ -10,6 +10,7 @@
     RUN/train_summary.json     steps, tokens, wall time, ...
     RUN/eval.json              held-out evaluation
     RUN/budget.json            tokens, FLOPs and seconds per phase
+    RUN/teachers.json          `distill teachers`: candidate teachers scored on the run's rows
 """
 
 from pathlib import Path
@@ -24,6 +25,7 @@ LATENTS = "latents"
 TRAIN_SUMMARY = "train_summary.json"
 EVAL = "eval.json"
 BUDGET = "budget.json"
+TEACHERS = "teachers.json"
 CHECKPOINT_STATE = "state.json"  # inside a checkpoint: its step, written last
 
 
