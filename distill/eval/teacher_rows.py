@@ -200,7 +200,8 @@ def stop_strings(tokenizer, samples: Sequence[Sample]) -> list[str]:
 def encode(tokenizer, s: Sample, who: str, row: int, max_length: int, truncate: bool) -> Encoded:
     """One sample in the candidate's tokens. The labels fall on the target only: the
     completion then EOS; the assistant turn as the chat template writes it (its end-of-turn
-    included); the text then EOS, after the special tokens the tokenizer puts first by default
+    included; the context starts with the tokenizer's own leading tokens, as a default
+    encoding would); the text then EOS, after the special tokens the tokenizer puts first by default
     (Gemma's BOS), or for a tokenizer that puts none (SmolLM2), after the text's first token,
     which is then context, its bytes not counted. A row over `max_length` tokens names the
     candidate and the row, or with `truncate` is cut (its bytes then those of the kept text)."""
@@ -208,6 +209,8 @@ def encode(tokenizer, s: Sample, who: str, row: int, max_length: int, truncate: 
     if s.kind == "chat":
         context, scored, _ = chat_parts(tokenizer, s, who, row)
         prompt = tokenizer(context, add_special_tokens=False).input_ids
+        lead = _lead_ids(tokenizer)  # Gemma's BOS, unless its template already wrote it
+        prompt = prompt if prompt[: len(lead)] == lead else lead + prompt
         target = tokenizer(scored, add_special_tokens=False).input_ids
         gen = prompt
     elif s.kind == "prompt":

@@ -3,7 +3,8 @@
     score_local       a transformers model: teacher-forced cross-entropy on the targets (its
                       own tokens), bits per byte, greedy answers, forward and generation speed
     answer_stats      accuracy, refusal rate and mean length of a candidate's answers
-    agreement_matrix  the share of rows on which two candidates give the same answer
+    agreement_matrix  the share of rows on which two candidates give the same answer (the final
+                      answer on rows with a gold answer, the first words on the others)
 
 Cross-entropy is per token of each candidate's own tokenization, so it compares candidates
 of one tokenizer only; bits per byte divides the same summed nats by the UTF-8 bytes of the
@@ -129,21 +130,21 @@ def first_words(text: str, n: int) -> list[str]:
     return [w.lower() for w in text.split()[:n]]
 
 
-def agreement_key(text: str, basis: str, n: int, fmt: str):
-    """What two answers must share to agree: the final answer (normalised; None when the
-    format finds none) or the first n words."""
-    if basis == "answer":
+def agreement_key(text: str, gold: str | None, n: int, fmt: str):
+    """What two answers to a row must share to agree: on a row with a gold answer, the final
+    answer (normalised; None when the format finds none), else the first n words."""
+    if gold is not None:
         found = splitter(fmt)(text)
         return None if found is None else normalize(found[1])
     return first_words(text, n)
 
 
-def agreement_matrix(texts: Sequence[Sequence[str]], basis: str, n: int, fmt: str) -> list[list[float | None]]:
-    """m[a][b]: the share of rows on which candidates a and b agree: with basis "answer", both
-    found an answer and the answers are equal after `normalize`; with basis "words", both
-    answers begin with the same n words (lower-cased; a shorter answer must match whole).
-    The diagonal is 1; None for no rows."""
-    keys = [[agreement_key(t, basis, n, fmt) for t in rows] for rows in texts]
+def agreement_matrix(texts: Sequence[Sequence[str]], golds: Sequence[str | None], n: int, fmt: str) -> list[list[float | None]]:
+    """m[a][b]: the share of rows on which candidates a and b agree. On a row with a gold
+    answer both must find a final answer and the answers be equal after `normalize` (neither
+    finding one is no agreement); on a row without, both answers must begin with the same n
+    words (lower-cased; a shorter answer must match whole). The diagonal is 1; None for no rows."""
+    keys = [[agreement_key(t, g, n, fmt) for t, g in zip(rows, golds)] for rows in texts]
     out = []
     for a in keys:
         line = []

@@ -8,6 +8,7 @@ model behind an OpenAI-compatible chat server (`URL#MODEL`, the client of `disti
     heldout_ce, perplexity  nats per target token of its own tokenization (local candidates)
     bits_per_byte         the same nats over the targets' UTF-8 bytes: comparable across tokenizers
     agreement             mean share of rows on which its answer agrees with each other candidate's
+                          (final answers on rows with a gold answer, the first words on the others)
     mean_words, mean_tokens  length of its greedy answers
     refusal_rate          answers matching eval.refusal_patterns
     params, forward_tokens_per_s, generate_tokens_per_s   cost, measured on this machine
@@ -170,7 +171,9 @@ def run_teachers(cfg: RunConfig, names: list[str], out: Path, s: TeacherSettings
         if c.source is not None:
             check_model_source(c.source)  # a typo in the last candidate fails now, not after the others ran
     fmt = answer_format(cfg)
-    basis = "answer" if any(x.answer is not None for x in samples) else "words"
+    golds = [x.answer for x in samples]
+    n_gold = sum(g is not None for g in golds)
+    basis = "answer" if n_gold == len(golds) else "words" if n_gold == 0 else "mixed"
     results, texts = [], []
     for i, c in enumerate(candidates):
         if progress:
@@ -184,7 +187,7 @@ def run_teachers(cfg: RunConfig, names: list[str], out: Path, s: TeacherSettings
         shown = [{"row": k + 1, "answer": a, "gold": x.answer} for k, (x, a) in enumerate(zip(samples, answers))][:3]
         results.append({"name": c.name, **record, "samples": shown})
         texts.append(answers)
-    matrix = agreement_matrix(texts, basis, s.agreement_words, fmt)
+    matrix = agreement_matrix(texts, golds, s.agreement_words, fmt)
     for i, r in enumerate(results):
         others = [v for j, v in enumerate(matrix[i]) if j != i and v is not None]
         r["agreement"] = sum(others) / len(others) if others else None
@@ -193,11 +196,11 @@ def run_teachers(cfg: RunConfig, names: list[str], out: Path, s: TeacherSettings
     kinds = sorted({x.kind for x in samples})
     result = {
         "config": config_label,
-        "data": {"rows": len(samples), "from": where, "kinds": kinds, "with_answers": sum(x.answer is not None for x in samples),
-                 "answer_format": fmt if basis == "answer" else None},
+        "data": {"rows": len(samples), "from": where, "kinds": kinds, "with_answers": n_gold,
+                 "answer_format": fmt if n_gold else None},
         "settings": {k: v for k, v in asdict(s).items() if k not in ("api_key_env", "timeout_s", "max_retries")},
         "machine": machine(),
-        "agreement": {"basis": basis, "words": s.agreement_words if basis == "words" else None,
+        "agreement": {"basis": basis, "answer_rows": n_gold, "words": s.agreement_words if basis != "answer" else None,
                       "names": [c.name for c in candidates], "matrix": matrix},
         "candidates": results,
     }  # fmt: skip
@@ -250,8 +253,9 @@ def na_notes(result: dict) -> list[str]:
 def print_result(result: dict, path: Path) -> None:
     console = Console()
     console.print(teachers_table(result))
-    a = result["agreement"]
-    rule = f"final answers ({result['data']['answer_format']})" if a["basis"] == "answer" else f"first {a['words']} words"
+    a, fmt = result["agreement"], result["data"]["answer_format"]
+    rule = {"answer": f"final answers ({fmt})", "words": f"the first {a['words']} words",
+            "mixed": f"final answers ({fmt}) on the {a['answer_rows']} rows with one, the first {a['words']} words on the rest"}[a["basis"]]  # fmt: skip
     console.print(f"agreement: on {rule}; CE is per token of each candidate's own tokenizer, bits/byte compares across tokenizers")
     m = result["machine"]
     console.print(f"speed measured on {m['device']} ({m['cpu_count']} cores, {m['torch_threads']} torch threads)")

@@ -299,7 +299,8 @@ def write_report(run_dirs: list[Path], out: Path, *, names: list[str] | None = N
     dirs = [Path(d) for d in run_dirs]
     alone = [not (d / rundir.CONFIG).is_file() and (d / rundir.TEACHERS).is_file() for d in dirs]
     run_names = None if names is None else [n for n, a in zip(names, alone) if not a]
-    runs = load_runs([d for d, a in zip(dirs, alone) if not a], run_names) if not all(alone) else []
+    only_choices = bool(dirs) and all(alone)  # no run yet: the teacher choice alone
+    runs = [] if only_choices else load_runs([d for d, a in zip(dirs, alone) if not a], run_names)
     notes: list[str] = []
     choices = [c for c in (load_choice(d, notes) for d in dirs) if c is not None]
     atomic_write_text(out, render(runs, choices, notes))

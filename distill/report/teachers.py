@@ -72,7 +72,9 @@ def _agreement_table(choice: dict) -> str:
         + "</tr>"
         for n, line in zip(names, matrix)
     ]
-    rule = "final answers" if a.get("basis") == "answer" else f"the first {a.get('words')} words"
+    rule = {"answer": "final answers", "words": f"the first {a.get('words')} words"}.get(
+        a.get("basis"), f"final answers on the {a.get('answer_rows')} rows with a gold answer, the first {a.get('words')} words on the rest"
+    )
     return f"<p>agreement on {escape(rule)}:</p><table><thead><tr><th></th>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
 
 
@@ -81,6 +83,8 @@ def _notes(choice: dict) -> str:
     for r in choice["candidates"]:
         if isinstance(r, dict) and isinstance(r.get("na"), dict):
             items += [f"{r.get('name')}: {k} n/a ({why})" for k, why in r["na"].items()]
+        if isinstance(r, dict) and r.get("template") not in (None, "own"):
+            items.append(f"{r.get('name')}: chat rows read through {r['template']}")
     return f'<ul class="missing">{"".join(f"<li>{escape(str(i))}</li>" for i in items)}</ul>' if items else ""
 
 

@@ -172,7 +172,15 @@ def test_chat_rows_score_the_last_assistant_turn_in_each_candidates_own_template
     words = [[t.lower().split()[:3] for t in ts] for ts in texts]
     agree = sum(x == y for x, y in zip(*words)) / len(CHATS)
     assert result["agreement"]["matrix"][0][1] == pytest.approx(agree)
-    assert agreement_matrix(texts, "words", 3, "auto") == result["agreement"]["matrix"]
+    assert agreement_matrix(texts, [None] * len(CHATS), 3, "auto") == result["agreement"]["matrix"]
+
+
+def test_agreement_compares_final_answers_on_rows_with_gold_and_first_words_elsewhere():
+    a = ["so Answer: 7", "Hello there my friend", "x", "no answer here"]
+    b = ["Answer: 7.", "hello there your friend", "y", "no answer here"]
+    golds = ["7", None, None, "3"]  # row 4: neither finds an answer, which is no agreement
+    assert agreement_matrix([a, b], golds, 2, "auto") == [[1.0, 0.5], [0.5, 1.0]]
+    assert agreement_matrix([a, b], golds, 3, "auto")[0][1] == 0.25
 
 
 def test_a_tokenizer_without_chat_template_reads_plain_role_lines(folders, tmp_path):
@@ -290,3 +298,14 @@ def test_the_command_reads_candidates_after_the_config_and_prints_the_table(fold
     assert "bits/byte" in got.output and "agreement: on final answers (chain)" in got.output
     got = runner.invoke(app, ["teachers", str(tmp_path / "run.yaml")])
     assert isinstance(got.exception, ConfigError) and "give the candidates: --candidates A B C" in str(got.exception)
+
+
+def test_a_run_folder_candidate_is_its_exported_student(folders, tmp_path):
+    import shutil
+
+    shutil.copytree(folders["a"], tmp_path / "run-a" / "student")
+    cfg = config(tmp_path, n_test=3, n_train=8)
+    settings = TeacherSettings(rows=3, max_new_tokens=4, batch_size=3)
+    by_run, by_folder = run_teachers(cfg, [str(tmp_path / "run-a"), folders["a"]], tmp_path / "out", settings, "cfg",
+                                     progress=False)["candidates"]  # fmt: skip
+    assert by_run["name"] == str(tmp_path / "run-a") and by_run["heldout_ce"] == by_folder["heldout_ce"]
