@@ -154,6 +154,38 @@ def generate(
 
 
 @app.command()
+def teachers(
+    config: Annotated[str | None, typer.Argument(help="Run config YAML: its rows are scored (omit with --example).")] = None,
+    rest: Annotated[list[str] | None, typer.Argument(help="More candidates after --candidates, and dotted overrides key=value.")] = None,
+    candidates: Annotated[list[str] | None, typer.Option(help="Candidate teachers: hub id, folder, run dir, .gguf, packaged: alias, or URL#MODEL of a chat server.")] = None,
+    example: Annotated[str | None, typer.Option(help="Score on a packaged example instead of a config: chat or prose.")] = None,
+    out: Annotated[str | None, typer.Option(help="Folder for teachers.json (default: the config's out_dir).")] = None,
+    rows: Annotated[int, typer.Option(help="Rows scored (held-out split first).")] = 32,
+    max_new_tokens: Annotated[int, typer.Option(help="Most tokens of a greedy answer.")] = 64,
+    batch_size: Annotated[int, typer.Option(help="Rows per forward pass and per generation batch.")] = 8,
+    agreement_words: Annotated[int, typer.Option(help="Rows without gold answers: answers agree when their first N words match.")] = 8,
+    dtype: Annotated[str, typer.Option(help="Local candidates' weights: float32 or bfloat16.")] = "float32",
+    api_key_env: Annotated[str, typer.Option(help="Served candidates: environment variable holding the API key.")] = "OPENAI_API_KEY",
+    concurrency: Annotated[int, typer.Option(help="Served candidates: requests in flight at once.")] = 4,
+    timeout: Annotated[float, typer.Option(help="Served candidates: seconds per request before it is retried.")] = 120.0,
+):
+    """Score candidate teachers on the run's rows before training: accuracy, CE, bits/byte, agreement, length, refusals, cost."""
+    from distill.pipeline.teachers import TeacherSettings, teachers_command
+
+    # `--candidates A B C`: click binds A to the option and B, C to the positional arguments;
+    # a positional argument without '=' is a candidate, one with '=' an override.
+    positional = ([config] if config is not None else []) + list(rest or [])
+    config = None
+    if example is None and positional:
+        config = next((p for p in positional if p.endswith((".yaml", ".yml"))), positional[0])
+        positional.remove(config)
+    names = list(candidates or []) + [p for p in positional if "=" not in p]
+    overrides = [p for p in positional if "=" in p]
+    settings = TeacherSettings(rows, max_new_tokens, batch_size, agreement_words, dtype, api_key_env, concurrency, timeout)
+    teachers_command(config, overrides, example, names, out, settings)
+
+
+@app.command()
 def curate(
     generations: Annotated[str, typer.Argument(help="A `distill generate` folder or its generations.jsonl.")],
     out: Annotated[str | None, typer.Option(help="Curated rows (default: curated.jsonl beside the generations).")] = None,

@@ -11,6 +11,7 @@
     RUN/eval.json              held-out evaluation
     RUN/budget.json            tokens, FLOPs and seconds per phase
     RUN/trackers/              files of the experiment trackers (train.report_to)
+    RUN/teachers.json          `distill teachers`: candidate teachers scored on the run's rows
 """
 
 from pathlib import Path
@@ -26,6 +27,7 @@ TRAIN_SUMMARY = "train_summary.json"
 TRACKERS = "trackers"
 EVAL = "eval.json"
 BUDGET = "budget.json"
+TEACHERS = "teachers.json"
 CHECKPOINT_STATE = "state.json"  # inside a checkpoint: its step, written last
 
 

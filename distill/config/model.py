@@ -46,7 +46,7 @@ class ModelConfig(Section):
     """Where a model comes from: exactly one of `name` or `config`."""
 
     name: str | None = None
-    """Hub id, local folder, path to a .gguf file, or 'packaged:smollm2-135m-instruct'."""
+    """Hub id, local folder, path to a .gguf file, or a packaged alias ('packaged:smollm2-135m-instruct', 'packaged:gemma-3-270m')."""
     gguf_file: str | None = None
     """A .gguf file inside the folder `name` (transformers' gguf_file argument)."""
     config: dict[str, Any] | None = None

