@@ -132,7 +132,7 @@ def test_checks_of_one_position():
     example = Example(input_ids=[1, 3, 7], labels=[-100, 3, 7])
     ids, _lp, rest = example_topk(example, [[None, entry, {"7": {"logprob": 0.0, "rank": 1}, "1": {"logprob": -30.0, "rank": 2}}]], 2, 10, "x")
     assert ids.tolist() == [[3, 7], [7, 1]]
-    expected = torch.tensor(1 - torch.tensor([-0.5, -1.5], dtype=torch.float64).exp().sum()).log().float()
+    expected = (1 - torch.tensor([-0.5, -1.5], dtype=torch.float64).exp().sum()).log().float()
     torch.testing.assert_close(rest[0], expected)
     assert rest[1] == -torch.inf or rest[1] < -25  # nothing (or next to nothing) left outside the top-2
 
