@@ -19,6 +19,7 @@ with a quantization-aware run beside post-training quantization).
 import argparse
 import os
 import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -51,6 +52,7 @@ def quantized_rows(teacher, tokenizer, folders: dict[str, Path], texts: list[str
     against `teacher` on `texts`, the weights' bytes on disk and decode tokens/s."""
     models = {name: load_causal_lm(str(folder)) for name, folder in folders.items()}
     sums = text_scores(teacher, models, tokenizer, texts, max_length, batch=4)
+    print(f"scored {len(texts)} rows", file=sys.stderr, flush=True)
     rows = []
     for name, folder in folders.items():
         record = scores_record(sums[name], len(texts), "stdlib docstrings")

@@ -5,7 +5,6 @@ import json
 import shutil
 
 import pytest
-
 from fault_helpers import one_line
 
 pytest.importorskip("torchao")

@@ -15,6 +15,7 @@ import torch
 import yaml
 
 from distill.config import build_config
+from distill.errors import DistillError
 from distill.models.loading import load_causal_lm
 from distill.models.quantize import Scheme, prepare_qat
 from distill.pipeline.runner import run_eval, run_training
@@ -155,7 +156,7 @@ def test_qat_two_processes_match_one(tiny_tree, tmp_path):
     cfg.write_text(yaml.safe_dump(two))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29561"]
-    proc = subprocess.run([*cmd, "-m", "distill", "train", str(cfg), "--no-eval"], env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([*cmd, "-m", "distill", "train", str(cfg), "--no-eval"], env=env, capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     m1, m2 = read_metrics(one["out_dir"]), read_metrics(two["out_dir"])
     assert len(m2) == len(m1) == tree["train"]["steps"]
@@ -165,3 +166,18 @@ def test_qat_two_processes_match_one(tiny_tree, tmp_path):
     for k in w1:
         torch.testing.assert_close(w2[k], w1[k], atol=1e-5, rtol=0)
     assert (Path(two["out_dir"]) / "student-int4" / "quant.json").is_file()
+
+
+def test_a_quantized_lm_head_leaves_the_fused_path(tiny_tree, tmp_path):
+    """quant.exclude without lm_head: the fused loss would use the unrounded head weight, so the
+    run takes the naive path (objective.fused=true is refused), and the export still loads."""
+    tree = _quant(tiny_tree, exclude=[])
+    tree["train"]["steps"] = 2
+    assert _train(tree)["fused_loss"] is False
+    record = json.loads((Path(tree["out_dir"]) / "student-int4" / "quant.json").read_text())
+    assert "lm_head" in record["modules"] and record["tied"] == []
+    load_causal_lm(str(Path(tree["out_dir"]) / "student-int4"))
+    tree["objective"]["fused"] = True
+    tree["out_dir"] = str(tmp_path / "fused")
+    with pytest.raises(DistillError, match="not a plain lm_head"):
+        _train(tree)
