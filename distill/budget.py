@@ -7,7 +7,9 @@
 
 Phases: teacher_generation (`distill generate`), teacher_caching (`distill cache`),
 student_training and teacher_scoring (the loop; the teacher's live forwards are timed apart
-and left out of the student's seconds), evaluation (`distill eval`). A run directory's file
+and left out of the student's seconds), evaluation (`distill eval`), quantization
+(`distill quantize` of a run's student, or the export of a run with a `quant` section:
+seconds, and 0 FLOPs and tokens since it does no matmul). A run directory's file
 copies the generation and caching phases from the folders its data and cache came from.
 "total" and the shares are recomputed on every write; a total is null when a phase's value
 is unknown, and so are the shares of that quantity.

@@ -2,6 +2,7 @@
 
 import errno
 import json
+import logging
 import sys
 import traceback
 from pathlib import Path
@@ -50,6 +51,7 @@ def evaluate(
     path: Annotated[str, typer.Argument(help="A run directory or a save_pretrained model folder.")],
     config: Annotated[str | None, typer.Option(help="Run config for the data (default: the run's own).")] = None,
     gates: Annotated[bool, typer.Option("--gates", help="Check the config's release gates: table on stderr, exit 3 on a failure.")] = False,
+    scheme: Annotated[str | None, typer.Option(help="Evaluate the run's quantized student RUN/student-SCHEME/ (int8, int4).")] = None,
 ):
     """Evaluate a student on the held-out split (against its teacher when the run has one); write eval.json."""
     from rich.console import Console
@@ -57,7 +59,7 @@ def evaluate(
     from distill.eval.gates import GateFailure, gates_table
     from distill.pipeline.runner import run_eval
 
-    result = run_eval(path, config, gates=gates)
+    result = run_eval(path, config, gates=gates, scheme=scheme)
     typer.echo(json.dumps(result, indent=2))
     if gates:
         report = result["gates"]
@@ -65,6 +67,22 @@ def evaluate(
         failed = [r["metric"] for r in report["results"] if not r["passed"]]
         if failed:
             raise GateFailure(f"{len(failed)} of {len(report['results'])} release gates failed: {', '.join(failed)}")
+
+
+@app.command()
+def quantize(
+    path: Annotated[str, typer.Argument(help="A run directory (its student/), a model folder, .gguf or packaged alias.")],
+    scheme: Annotated[str, typer.Option(help="int8 (weight-only, per row) or int4 (weight-only, per group).")],
+    group_size: Annotated[int | None, typer.Option(help="int4: weights per scale (default: the run's quant.group_size, else 32).")] = None,
+    activations: Annotated[bool | None, typer.Option("--activations/--no-activations", help="Also quantize layer inputs to int8 per token.")] = None,
+    out: Annotated[str | None, typer.Option(help="Output folder (default RUN/student-SCHEME, or FOLDER-SCHEME beside a model folder).")] = None,
+):
+    """Post-training quantization (torchao): a folder that loads back with load_causal_lm, and quant.json with its size."""
+    from distill.pipeline.quantize import run_quantize
+
+    record = run_quantize(path, scheme, group_size, activations, out)
+    shown = {k: v for k, v in record.items() if k != "modules"}  # the layer names are in OUT/quant.json
+    typer.echo(json.dumps({**shown, "quantized_layers": len(record["modules"])}, indent=2))
 
 
 @app.command()
@@ -354,6 +372,10 @@ def main() -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # our own progress display is enough
+    # torchao (the quant extra; transformers imports it too) logs a warning per CUDA kernel it
+    # cannot load on a CPU machine, and torch one per enum torchao registers: noise, not news.
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     debug = DEBUG_FLAG in sys.argv[1:]
     if debug:
         sys.argv = [a for a in sys.argv if a != DEBUG_FLAG]

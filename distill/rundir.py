@@ -5,10 +5,12 @@
     RUN/alignment.jsonl        CKA per layer pair at probe steps (runs with a teacher model)
     RUN/checkpoints/step-N/    what a resume needs (`distill.training.checkpoint`)
     RUN/student/               save_pretrained student + tokenizer
+    RUN/student-<scheme>/      the student quantized (int8 / int4): quant.json + safetensors
     RUN/projectors/            feature projectors (runs with a feature term)
     RUN/latents/               probe states at step 0 and each checkpoint
     RUN/train_summary.json     steps, tokens, wall time, ...
     RUN/eval.json              held-out evaluation
+    RUN/eval-<scheme>.json     held-out evaluation of RUN/student-<scheme>
     RUN/budget.json            tokens, FLOPs and seconds per phase
     RUN/trackers/              files of the experiment trackers (train.report_to)
     RUN/teachers.json          `distill teachers`: candidate teachers scored on the run's rows
@@ -29,6 +31,17 @@ EVAL = "eval.json"
 BUDGET = "budget.json"
 TEACHERS = "teachers.json"
 CHECKPOINT_STATE = "state.json"  # inside a checkpoint: its step, written last
+QUANT = "quant.json"  # inside a quantized model folder: scheme, modules, sizes
+
+
+def quantized_student(scheme: str) -> str:
+    """`student-int4`: the run's student quantized with `scheme`."""
+    return f"{STUDENT}-{scheme}"
+
+
+def eval_name(scheme: str | None) -> str:
+    """eval.json for the full-precision student, `eval-int4.json` for its int4 version."""
+    return EVAL if scheme is None else f"eval-{scheme}.json"
 
 
 def step_name(step: int) -> str:

@@ -5,6 +5,7 @@ from distill.config.base import Section
 from distill.config.evaluation import EvalConfig
 from distill.config.files import apply_override, build_config, dump_config, load_config, read_yaml
 from distill.config.model import ModelConfig
+from distill.config.quant import QuantConfig
 from distill.config.schema import (
     DataConfig,
     FeatureConfig,
@@ -17,7 +18,7 @@ from distill.config.schema import (
 )
 
 __all__ = [
-    "DataConfig", "EvalConfig", "FeatureConfig", "LayerPair", "ModelConfig", "ObjectiveConfig", "OnPolicyConfig",
+    "DataConfig", "EvalConfig", "FeatureConfig", "LayerPair", "ModelConfig", "ObjectiveConfig", "OnPolicyConfig", "QuantConfig",
     "RationaleConfig", "RunConfig", "Section", "TrainConfig", "apply_override", "build_config", "dump_config",
     "load_config", "read_yaml",
 ]

@@ -15,6 +15,7 @@ from distill.config.base import Section
 from distill.config.evaluation import EvalConfig, GatesConfig
 from distill.config.model import ModelConfig
 from distill.data.sources import ROW_FIELDS, is_hf, local_path
+from distill.config.quant import QuantConfig
 
 
 class DataConfig(Section):
@@ -334,6 +335,8 @@ class RunConfig(Section):
     loaded. A cache of another tokenizer, dataset or temperature is refused."""
     gates: GatesConfig = GatesConfig()
     """Release gates on the evaluation's metrics (`distill eval --gates`)."""
+    quant: QuantConfig = QuantConfig()
+    """Quantization-aware distillation and the quantized export (off unless quant.scheme)."""
     out_dir: str = Field("runs/run", min_length=1)
     """The run directory."""
 

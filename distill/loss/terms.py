@@ -183,7 +183,9 @@ def head_matches_logits(model, **inputs: torch.Tensor) -> bool:
     thing (False for softcapped or scaled logits, e.g. Gemma 2/3, Cohere). `inputs`: the
     forward's arguments of a small batch (input_ids and attention_mask or position_ids)."""
     head = model.get_output_embeddings()
-    if not isinstance(head, torch.nn.Linear):
+    # Exactly nn.Linear: a subclass (a fake-quantized lm_head, quant.exclude without lm_head)
+    # computes something else than the matmul of its weight the fused path does.
+    if type(head) is not torch.nn.Linear:
         return False
     with torch.no_grad():
         out = model(**inputs, output_hidden_states=True, logits_to_keep=1)

@@ -54,6 +54,11 @@ def build_models(cfg: RunConfig):
     """Student, teacher (or None), the student's tokenizer and the shared real vocab size."""
     s_tok = build_tokenizer(cfg.student, "student")
     student = build_model(cfg.student, s_tok, "student", seeds.student_init(cfg.train.seed))
+    if getattr(student, "distill_quant", None) is not None:
+        raise ConfigError(
+            f"student.name {cfg.student.name!r} is a quantized model (quant.json) and cannot be trained; "
+            "train its full-precision student with quant.scheme set (quantization-aware distillation)"
+        )
     needed = cfg.objective.alpha > 0 or cfg.features.weight > 0
     if not needed or cfg.teacher is None or cfg.teacher_cache is not None:
         return student, None, s_tok, len(s_tok)  # a cached teacher is never loaded

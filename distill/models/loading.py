@@ -219,6 +219,15 @@ def _from_config(config: dict, dtype: torch.dtype) -> PreTrainedModel:
         raise DistillError(f"inline {model_type} config: the model cannot be built ({_first_line(exc)})") from None
 
 
+def _load_quantized(folder: str, dtype: str) -> PreTrainedModel:
+    """A quantized folder (quant.json; `distill.models.quantized_io`), float32 activations."""
+    if dtype != "float32":
+        raise DistillError(f"{folder} is quantized and loads in float32; drop dtype={dtype!r}")
+    from distill.models.quantized_io import load_quantized  # defers torchao to quantized folders
+
+    return load_quantized(folder)
+
+
 def load_causal_lm(
     name: str | None = None,
     gguf_file: str | None = None,
@@ -238,7 +247,8 @@ def load_causal_lm(
 
     Returns:
         The model. GGUF models come back dequantised (fp32 weights, then cast to
-        `dtype`) with no `quantization_config`, so they can be saved and trained.
+        `dtype`) with no `quantization_config`, so they can be saved and trained. A
+        `distill quantize` folder (quant.json) comes back quantized, for inference.
 
     Raises:
         DistillError: For a missing path, an unknown model_type or alias, a bad dtype,
@@ -255,6 +265,8 @@ def load_causal_lm(
         source, gguf = _resolve(name, gguf_file)
         if gguf is not None:
             source = str(_gguf_folder(gguf))
+        elif (Path(source) / "quant.json").is_file():  # a `distill quantize` folder
+            return _load_quantized(source, dtype)
         try:
             model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype)
         except _UNREADABLE as exc:  # missing or truncated weights, a pickle weights_only refuses, a shape that does not fit
@@ -350,7 +362,9 @@ def count_parameters(model: torch.nn.Module) -> int:
     # catches ties made by sharing storage between two distinct Parameter objects.
     for p in model.parameters():
         # Meta tensors all report data_ptr 0, so fall back to identity for them.
-        key = id(p) if p.device.type == "meta" or p.numel() == 0 else p.data_ptr()
+        # A quantized weight (a torchao tensor subclass) has no storage of its own either.
+        plain = type(p.data) is torch.Tensor
+        key = id(p) if p.device.type == "meta" or p.numel() == 0 or not plain else p.data_ptr()
         if key not in seen:
             seen.add(key)
             total += p.numel()

@@ -18,6 +18,7 @@ from distill.eval.gates import check_gates
 from distill.eval.text import evaluate_text
 from distill.eval.truth import truth_scores
 from distill.models.build import build_teacher
+from distill.models.quantize import SCHEMES
 from distill.paths import atomic_write_json
 from distill.training.loop import train
 
@@ -45,13 +46,21 @@ def default_format_regex(cfg: RunConfig) -> str | None:
     return chain.FORMAT_REGEX if cfg.rationale.mode == "completion" else chain.ANSWER_REGEX
 
 
-def evaluate_run(cfg: RunConfig, model, tokenizer, run_dir: Path | None) -> dict:
-    """Evaluate `model` on the run's held-out split (with the run's teacher when it has one)
-    and check its gates; in a run directory, write eval.json and the evaluation's budget."""
+def model_record(model, folder: Path | None) -> dict:
+    """eval.json's `model`: which student was evaluated, and its quantization (or null)."""
+    quant = getattr(model, "distill_quant", None)
+    keys = ("scheme", "bits", "group_size", "activations", "weights_bytes", "fp_weights_bytes")
+    return {"folder": None if folder is None else str(folder), "quant": {k: quant.get(k) for k in keys} if quant else None}
+
+
+def evaluate_run(cfg: RunConfig, model, tokenizer, run_dir: Path | None, folder: Path | None = None) -> dict:
+    """Evaluate `model` (loaded from `folder`) on the run's held-out split (with the run's
+    teacher when it has one) and check its gates; in a run directory, write eval.json (for a
+    quantized student eval-<scheme>.json) and the evaluation's budget."""
     rows = eval_rows(build_rows(cfg.data, "test"), cfg.rationale)
     gates = cfg.gates.expressions()
     if not rows:  # nothing to evaluate on: every gate fails for want of its metric
-        return {"n": 0, **({"gates": check_gates(gates, {})} if gates else {})}
+        return {"n": 0, "model": model_record(model, folder), **({"gates": check_gates(gates, {})} if gates else {})}
     d = cfg.data
     if torch.cuda.is_available() and cfg.train.device == "auto":
         model.to("cuda")  # the teacher follows the student's device
@@ -71,8 +80,10 @@ def evaluate_run(cfg: RunConfig, model, tokenizer, run_dir: Path | None) -> dict
         result["truth"] = truth_scores(model, tokenizer, rows, d.seed, cfg.eval.batch_size, d.max_length, teacher)
     if gates:
         result["gates"] = check_gates(gates, scored)
+    result["model"] = model_record(model, folder)
     if run_dir is not None:
-        atomic_write_json(run_dir / rundir.EVAL, result)
+        scheme = (getattr(model, "distill_quant", None) or {}).get("scheme")
+        atomic_write_json(run_dir / rundir.eval_name(scheme), result)
         record_phase(run_dir / rundir.BUDGET, "evaluation", add=usage)
     return result
 
@@ -81,14 +92,22 @@ def run_training(cfg: RunConfig, resume: bool = False, evaluate: bool = True, sh
     summary = train(cfg, resume=resume, show_progress=show_progress)
     result = {"run_dir": cfg.out_dir, "train": summary}
     if evaluate and _is_main_process():
-        model, tokenizer = load_student(cfg.out_dir)
-        result["eval"] = {k: v for k, v in evaluate_run(cfg, model, tokenizer, Path(cfg.out_dir)).items() if k != "samples"}
+        run_dir = Path(cfg.out_dir)
+        model, tokenizer = load_student(run_dir)
+        result["eval"] = {k: v for k, v in evaluate_run(cfg, model, tokenizer, run_dir, run_dir / rundir.STUDENT).items() if k != "samples"}
+        if cfg.quant.scheme is not None:  # the quantized student too: eval-<scheme>.json
+            folder = run_dir / rundir.quantized_student(cfg.quant.scheme)
+            model, tokenizer = load_student(folder)
+            quantized = evaluate_run(cfg, model, tokenizer, run_dir, folder)
+            result["eval_quantized"] = {k: v for k, v in quantized.items() if k != "samples"}
     return result
 
 
-def run_eval(path: str, config: str | None = None, gates: bool = False) -> dict:
+def run_eval(path: str, config: str | None = None, gates: bool = False, scheme: str | None = None) -> dict:
     """Evaluate a run directory or a model folder (with --config for its data); gates: the
-    config must set release gates (they are checked either way when set)."""
+    config must set release gates (they are checked either way when set). scheme: the run's
+    quantized student RUN/student-<scheme>/ instead of RUN/student/ (eval-<scheme>.json). A
+    quantized model folder is evaluated as it is."""
     p = Path(path)
     if not p.exists():
         raise DistillError(f"not found: {p}")
@@ -98,6 +117,15 @@ def run_eval(path: str, config: str | None = None, gates: bool = False) -> dict:
     cfg = load_config(cfg_path)
     if gates and not cfg.gates.expressions():
         raise ConfigError(f"{cfg_path}: --gates, but the config sets no 'gates' (e.g. gates.accuracy: '>= 0.9 * teacher')")
-    model, tokenizer = load_student(p)
     run_dir = p if (p / rundir.CONFIG).exists() else None
-    return evaluate_run(cfg, model, tokenizer, run_dir)
+    folder = p / rundir.STUDENT if run_dir is not None else p
+    if scheme is not None:
+        if scheme not in SCHEMES:
+            raise DistillError(f"--scheme {scheme!r}: known schemes are {', '.join(SCHEMES)}")
+        if run_dir is None:
+            raise DistillError(f"--scheme picks a run's quantized student; {p} is not a run directory (evaluate the quantized folder itself)")
+        folder = p / rundir.quantized_student(scheme)
+        if not (folder / rundir.QUANT).is_file():
+            raise DistillError(f"{p} has no quantized student {folder.name}/: run distill quantize {p} --scheme {scheme}")
+    model, tokenizer = load_student(folder)
+    return evaluate_run(cfg, model, tokenizer, run_dir, folder)

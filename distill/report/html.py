@@ -6,9 +6,10 @@ tables are rendered here with every text HTML-escaped, and the page script draws
 from the data, handing plotly only entity-escaped text (see html_template.py).
 
 Sections (element ids): #runs, #loss-curves, #eval-table, #text-eval (runs on {"text"}
-rows), #reliability, #gates-table, #budget, #alignment, #samples, #teachers (the teachers.json of
-`distill teachers`). A plot section's id is the plotly div itself. A folder with a
-teachers.json and no config.yaml (teachers scored before any run) is shown in #teachers alone.
+rows), #quantized (eval-<scheme>.json beside eval.json), #reliability, #gates-table, #budget,
+#alignment, #samples, #teachers (the teachers.json of `distill teachers`). A plot section's id
+is the plotly div itself. A folder with a teachers.json and no config.yaml (teachers scored
+before any run) is shown in #teachers alone.
 """
 
 import json
@@ -63,6 +64,7 @@ TEXT_ROWS = [
 ]
 SECTIONS = [
     ("runs", "Runs"), ("loss-curves", "Loss curves"), ("eval-table", "Evaluation"), ("text-eval", "Text evaluation"),
+    ("quantized", "Quantized vs full precision"),
     ("reliability", "Reliability"), ("gates-table", "Gates"), ("budget", "Compute budget"),
     ("alignment", "Alignment (CKA)"), ("samples", "Samples"), ("teachers", "Teacher choice"),
 ]  # fmt: skip
@@ -161,6 +163,27 @@ def text_section(runs: list[dict]) -> str:
     return side_by_side(texts, [r["eval"]["text"] for r in texts], TEXT_ROWS) + note
 
 
+def quantized_section(runs: list[dict]) -> str:
+    """Per run with eval-<scheme>.json files: its full-precision student and each quantized
+    one side by side (the text block for {"text"} runs), with the weights' size on disk."""
+    size = [("weights bytes", "model.quant.weights_bytes", None)]
+    blocks = []
+    for r in runs:
+        if not r.get("quantized"):
+            continue
+        evals = [r["eval"] or {}] + [q["eval"] for q in r["quantized"]]
+        full = next((dig(e, "model.quant.fp_weights_bytes") for e in evals[1:] if dig(e, "model.quant") is not None), None)
+        evals[0] = {**evals[0], "model": {"quant": {"weights_bytes": full}}}  # the fp32 weights the quantizer measured
+        columns = [{"name": f"{r['name']} (full precision)"}] + [{"name": f"{r['name']} ({q['scheme']})"} for q in r["quantized"]]
+        if any(isinstance(e.get("text"), dict) for e in evals):
+            texts = [{**(e.get("text") or {}), "model": e.get("model")} for e in evals]
+            blocks.append(side_by_side(columns, texts, size + TEXT_ROWS))
+        else:
+            blocks.append(side_by_side(columns, evals, size + EVAL_ROWS))
+    note = lacking(runs, lambda r: bool(r.get("quantized")), "no quantized evaluation (eval-SCHEME.json: distill eval RUN --scheme SCHEME)")
+    return ("".join(blocks) or '<p class="empty">no run has a quantized evaluation</p>') + note
+
+
 def gates_section(runs: list[dict]) -> str:
     rows, any_results = [], False
     for r in runs:
@@ -257,6 +280,7 @@ def render(runs: list[dict], choices: list[dict] | None = None, choice_notes: li
         "loss-curves": plot_section(runs, "loss-curves"),
         "eval-table": (eval_section(runs), ""),
         "text-eval": (text_section(runs), ""),
+        "quantized": (quantized_section(runs), ""),
         "reliability": plot_section(runs, "reliability"),
         "gates-table": (gates_section(runs), ""),
         "budget": plot_section(runs, "budget"),

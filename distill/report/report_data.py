@@ -23,7 +23,7 @@ NOT_LOSS_SUFFIXES = ("_s", "_tokens", "_rate", "_step", "_norm", "_per_s", "lr")
 MAX_POINTS = 4000  # per series in the page; longer runs are thinned evenly (the last step kept)
 MAX_SAMPLES = 5
 MAX_TEXT = 2000  # characters of a prompt or generation shown
-PHASES = ["teacher_generation", "teacher_caching", "teacher_scoring", "student_training", "evaluation"]
+PHASES = ["teacher_generation", "teacher_caching", "teacher_scoring", "student_training", "evaluation", "quantization"]
 RUN_FILES = [rundir.METRICS, rundir.TRAIN_SUMMARY, rundir.EVAL, rundir.BUDGET, rundir.ALIGNMENT]
 
 
@@ -202,6 +202,11 @@ def load_run(run_dir: Path, name: str) -> dict:
         steps, steps_from = (max(done), rundir.METRICS) if done else (None, None)
     if steps is None and is_number(dig(config, "train.steps")):
         steps, steps_from = dig(config, "train.steps"), "config (planned)"
+    quantized = []  # eval-<scheme>.json: the run's quantized students, shown beside eval.json
+    for path in sorted(run_dir.glob("eval-*.json")):
+        q = read_json_file(path, notes)
+        if isinstance(q, dict):
+            quantized.append({"scheme": path.stem.removeprefix("eval-"), "eval": {k: v for k, v in q.items() if k != "samples"}})
     samples = (ev or {}).get("samples")
     samples = [s for s in samples if isinstance(s, dict)][:MAX_SAMPLES] if isinstance(samples, list) else []
     return {
@@ -219,6 +224,7 @@ def load_run(run_dir: Path, name: str) -> dict:
         "objective": {k: dig(config, k) for k in OBJECTIVE_KEYS},
         "metrics": metrics_series(metrics, notes) if metrics else None,
         "eval": {k: v for k, v in ev.items() if k != "samples"} if ev is not None else None,
+        "quantized": quantized,
         "samples": [{k: clip(s.get(k)) for k in ("prompt", "generated", "answer", "teacher")} for s in samples],
         "budget": budget_phases(budget) if budget is not None else None,
         "alignment": [r for r in alignment if is_number(r.get("step"))] if alignment is not None else None,

@@ -4,7 +4,7 @@
     for step in steps:
         record = train_step(run, step)    one global batch, every term / global valid tokens
         log, checkpoint, probe            metrics.jsonl, checkpoints/, alignment.jsonl
-    export                                student/, projectors/, train_summary.json
+    export                                student/ (+ student-<scheme>/ with quant), projectors/, train_summary.json
 
 Recipes differ in their teacher (`distill.training.teachers`), batch source
 (`distill.training.batch_sources`) and loss terms (`distill.training.objective`), never
@@ -18,6 +18,8 @@ from distill import rundir
 from distill.budget import record_training, training_totals
 from distill.config import RunConfig
 from distill.models.loading import count_parameters
+from distill.models.quantize import Scheme
+from distill.models.quantized_io import quantize_folder
 from distill.paths import atomic_write_json
 from distill.progress import Progress
 from distill.training.checkpoint import checkpoint_state, export_student, save_checkpoint
@@ -112,6 +114,13 @@ def finish(run: Run, tokens: int, wall: float, alignment: dict | None, before: d
     and this segment's alone under "segment"."""
     acc = run.acc
     export_student(acc, run.student, run.tokenizer, run.run_dir)
+    quantized = None
+    if run.cfg.quant.scheme is not None and acc.is_main_process:  # student-<scheme>/: the same weights quantized
+        scheme = Scheme.from_config(run.cfg.quant)
+        out = run.run_dir / rundir.quantized_student(scheme.name)
+        record = quantize_folder(run.run_dir / rundir.STUDENT, out, scheme, run.run_dir)
+        quantized = {k: record[k] for k in ("scheme", "group_size", "activations", "weights_bytes", "fp_weights_bytes")}
+    acc.wait_for_everyone()
     projectors = acc.unwrap_model(run.projectors) if run.projectors is not None else None
     if projectors is not None:
         state = acc.get_state_dict(run.projectors)
@@ -132,6 +141,8 @@ def finish(run: Run, tokens: int, wall: float, alignment: dict | None, before: d
         "feature_pairs": len(projectors.pairs) if projectors is not None else 0,
         "projector_params": count_parameters(projectors) if projectors is not None else 0,
     }
+    if quantized is not None:
+        summary["quantized"] = quantized
     if alignment is not None:
         summary["alignment"] = {k: v for k, v in alignment.items() if k != "pairs"}
     if acc.is_main_process:

@@ -23,6 +23,7 @@ from distill.data.rows import tokenize_rows
 from distill.errors import DistillError
 from distill.models.build import build_models, build_teacher_cache, output_size
 from distill.models.loading import count_parameters
+from distill.models.quantize import Scheme, prepare_qat
 from distill.training.alignment import AlignmentProbe, Probe
 from distill.training.batch_sources import BatchSource, build_batch_source
 from distill.training.features import build_projectors, kept_layers, layer_pairs, num_layers
@@ -122,6 +123,8 @@ def setup(cfg: RunConfig, resume: bool) -> Run:
     acc = make_accelerator(cfg)
     set_seed(cfg.train.seed)
     student, teacher_model, tokenizer, vocab = build_models(cfg)
+    if cfg.quant.scheme is not None and cfg.quant.aware:  # quantization-aware: fake-quantized linears
+        prepare_qat(student, Scheme.from_config(cfg.quant))
     pairs = None  # the layer pairs of the feature term and of the CKA probe; a bad map stops here
     if teacher_model is not None:
         kept = kept_layers(cfg.student.name) if cfg.features.layers == "kept" else None

@@ -15,8 +15,8 @@ from distill.pipeline.runner import run_training
 from distill.report import write_report
 from distill.report.report_data import MAX_POINTS, metrics_series, run_names
 
-SECTIONS = ["runs", "loss-curves", "eval-table", "text-eval", "reliability", "gates-table", "budget", "alignment", "samples",
-            "teachers"]
+SECTIONS = ["runs", "loss-curves", "eval-table", "text-eval", "quantized", "reliability", "gates-table", "budget", "alignment",
+            "samples", "teachers"]
 PLOTS = ["loss-curves", "reliability", "budget", "alignment"]
 XSS_PROMPT = "Q:<script>alert(1)</script>1+2="
 
