@@ -14,8 +14,8 @@ from pydantic import Field, field_validator, model_validator
 from distill.config.base import Section
 from distill.config.evaluation import EvalConfig, GatesConfig
 from distill.config.model import ModelConfig
-from distill.data.sources import ROW_FIELDS, is_hf, local_path
 from distill.config.quant import QuantConfig
+from distill.data.sources import ROW_FIELDS, is_hf, local_path
 
 
 class DataConfig(Section):
