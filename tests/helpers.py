@@ -51,6 +51,18 @@ def student_weights(run_dir) -> dict[str, torch.Tensor]:
     return load_file(str(Path(run_dir) / "student" / "model.safetensors"))
 
 
+def assert_resumed_equals(full_dir, cut_dir, steps: int) -> None:
+    """A run resumed after a crash logged steps 1..steps once each, with the uninterrupted
+    run's losses and final student weights (1e-6)."""
+    mf, mc = read_metrics(full_dir), read_metrics(cut_dir)
+    assert [m["step"] for m in mc] == list(range(1, steps + 1))
+    for x, y in zip(mf, mc):
+        assert y["loss"] == pytest.approx(x["loss"], abs=1e-6, rel=0)
+    wf, wc = student_weights(full_dir), student_weights(cut_dir)
+    for k in wf:
+        torch.testing.assert_close(wc[k], wf[k], atol=1e-6, rtol=0)
+
+
 def crash_at(monkeypatch, step: int, run) -> None:
     """Call run() and make it crash (KeyboardInterrupt) right after optimizer step `step`
     is logged; the training loop is restored afterwards."""

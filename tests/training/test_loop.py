@@ -19,7 +19,7 @@ from distill.errors import DistillError
 from distill.pipeline.runner import run_training
 from distill.training.loop import train
 
-from helpers import crash_at, read_metrics, student_weights
+from helpers import assert_resumed_equals, crash_at, read_metrics, student_weights
 
 
 def _train(tree, **changes):
@@ -91,13 +91,7 @@ def test_resume_equals_uninterrupted(tiny_tree, tmp_path, monkeypatch, feature_w
     assert not (Path(cut["out_dir"]) / "student").exists()
 
     train(build_config(cut), resume=True, show_progress=False)
-    mf, mc = read_metrics(full["out_dir"]), read_metrics(cut["out_dir"])
-    assert [m["step"] for m in mc] == [1, 2, 3, 4, 5, 6]
-    for x, y in zip(mf, mc):
-        assert y["loss"] == pytest.approx(x["loss"], abs=1e-6, rel=0)
-    wf, wc = student_weights(full["out_dir"]), student_weights(cut["out_dir"])
-    for k in wf:
-        torch.testing.assert_close(wc[k], wf[k], atol=1e-6, rtol=0)
+    assert_resumed_equals(full["out_dir"], cut["out_dir"], steps=6)
     af, ac = ([json.loads(x) for x in (Path(d) / "alignment.jsonl").read_text().splitlines()] for d in (full["out_dir"], cut["out_dir"]))
     assert [r["step"] for r in ac] == [r["step"] for r in af] == list(range(7))  # stale records trimmed
     assert [r["cka_mean"] for r in ac] == pytest.approx([r["cka_mean"] for r in af], abs=1e-6)
@@ -105,6 +99,7 @@ def test_resume_equals_uninterrupted(tiny_tree, tmp_path, monkeypatch, feature_w
         pf, pc = (load_file(str(Path(d) / "projectors" / "projectors.safetensors")) for d in (full["out_dir"], cut["out_dir"]))
         for k in pf:
             torch.testing.assert_close(pc[k], pf[k], atol=1e-6, rtol=0)
+        mf, mc = read_metrics(full["out_dir"]), read_metrics(cut["out_dir"])
         assert [m["feature"] for m in mc] == pytest.approx([m["feature"] for m in mf], abs=1e-6, rel=0)
 
 

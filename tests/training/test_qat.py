@@ -22,7 +22,7 @@ from distill.pipeline.runner import run_eval, run_training
 from distill.report import write_report
 from distill.training.loop import train
 
-from helpers import crash_at, read_metrics, student_weights
+from helpers import assert_resumed_equals, crash_at, read_metrics, student_weights
 
 pytest.importorskip("torchao")
 
@@ -92,13 +92,7 @@ def test_qat_resume_equals_uninterrupted(tiny_tree, tmp_path, monkeypatch, quant
     _train(full)
     crash_at(monkeypatch, 5, lambda: _train(cut))
     train(build_config(cut), resume=True, show_progress=False)
-    mf, mc = read_metrics(full["out_dir"]), read_metrics(cut["out_dir"])
-    assert [m["step"] for m in mc] == [1, 2, 3, 4, 5, 6]
-    for x, y in zip(mf, mc):
-        assert y["loss"] == pytest.approx(x["loss"], abs=1e-6, rel=0)
-    wf, wc = student_weights(full["out_dir"]), student_weights(cut["out_dir"])
-    for k in wf:
-        torch.testing.assert_close(wc[k], wf[k], atol=1e-6, rtol=0)
+    assert_resumed_equals(full["out_dir"], cut["out_dir"], steps=6)
     scheme = tree["quant"]["scheme"]
     from safetensors.torch import load_file
 
