@@ -190,10 +190,19 @@ def cached_teacher_dir(cfg) -> Path | None:
 
 
 def fresh_run_dir(path: Path) -> None:
-    """Clear a previous (unfinished) run in `path`; refuse to delete anything else."""
+    """Clear a previous (unfinished) run in `path`; refuse to delete anything else, or a run
+    another process is training (it holds the run's lock)."""
+    from distill.errors import DistillError
+    from distill.training.resume import lock_run_dir, release_run_dir
+
     if path.exists():
         if any(path.iterdir()) and not (path / "config.yaml").exists():
             raise SystemExit(f"{path} exists and is not a run folder; choose another --out")
+        try:  # another ladder training this run right now holds its lock: never delete under it
+            lock_run_dir(path)
+        except DistillError as e:
+            raise SystemExit(str(e)) from None
+        release_run_dir(path)
         shutil.rmtree(path)
 
 

@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -191,3 +192,22 @@ def test_section_header_states_machine_command_and_date(monkeypatch):
     assert lines[3] == "- Command: `python benchmarks/methods.py --task chain --seeds 0 1`"
     assert lines[4].startswith("- Date: 20") and lines[4].endswith(" UTC")
     assert "| table |" in lines
+
+
+def test_a_run_another_process_trains_is_never_cleared(tmp_path):
+    """Two ladders on one folder: the second must not delete the run the first is training."""
+    import fcntl
+
+    run = tmp_path / "fkl-seed4"
+    run.mkdir()
+    (run / "config.yaml").write_text("out_dir: x\n")
+    fd = os.open(run / ".lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the other ladder's training process
+    try:
+        with pytest.raises(SystemExit, match="in use by another distill process"):
+            methods.fresh_run_dir(run)
+        assert (run / "config.yaml").exists()
+    finally:
+        os.close(fd)
+    methods.fresh_run_dir(run)  # unfinished and unlocked: cleared for a fresh start
+    assert not run.exists()
