@@ -58,9 +58,31 @@ def assert_resumed_equals(full_dir, cut_dir, steps: int) -> None:
     assert [m["step"] for m in mc] == list(range(1, steps + 1))
     for x, y in zip(mf, mc):
         assert y["loss"] == pytest.approx(x["loss"], abs=1e-6, rel=0)
-    wf, wc = student_weights(full_dir), student_weights(cut_dir)
-    for k in wf:
-        torch.testing.assert_close(wc[k], wf[k], atol=1e-6, rtol=0)
+    assert_same_students(full_dir, cut_dir, atol=1e-6)
+
+
+def assert_same_students(a_dir, b_dir, atol: float) -> None:
+    """The exported students of two runs hold the same weights (within atol)."""
+    wa, wb = student_weights(a_dir), student_weights(b_dir)
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], atol=atol, rtol=0)
+
+
+def train_in_two_processes(tree: dict, config_path, port: int) -> None:
+    """`distill train` of `tree` under torchrun: 2 gloo processes on this machine, one thread
+    each, no evaluation; a failure shows the end of their stderr."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    Path(config_path).write_text(yaml.safe_dump(tree))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+           "-m", "distill", "train", str(config_path), "--no-eval"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 def crash_at(monkeypatch, step: int, run) -> None:

@@ -2,14 +2,10 @@
 
 import copy
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -19,7 +15,7 @@ from distill.errors import DistillError
 from distill.pipeline.runner import run_training
 from distill.training.loop import train
 
-from helpers import assert_resumed_equals, crash_at, read_metrics, student_weights
+from helpers import assert_resumed_equals, assert_same_students, crash_at, read_metrics, student_weights, train_in_two_processes
 
 
 def _train(tree, **changes):
@@ -167,14 +163,8 @@ def test_two_processes_match_one(tiny_tree, tmp_path, feature_weight, lmbda, mod
     one["train"].update(micro_batch_size=4, grad_accum=2)
     two["train"].update(micro_batch_size=4, grad_accum=1)
     _train(one)
-    cfg = tmp_path / "two.yaml"
-    cfg.write_text(yaml.safe_dump(two))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(29517 + int(feature_weight * 10) + int(lmbda * 100) + 7 * (mode == "multitask"))]
-    proc = subprocess.run(
-        [*cmd, "-m", "distill", "train", str(cfg), "--no-eval"], env=env, capture_output=True, text=True, timeout=300
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    port = 29517 + int(feature_weight * 10) + int(lmbda * 100) + 7 * (mode == "multitask")
+    train_in_two_processes(two, tmp_path / "two.yaml", port)
     m1, m2 = read_metrics(one["out_dir"]), read_metrics(two["out_dir"])
     assert len(m2) == len(m1) == tiny_tree["train"]["steps"]
     for x, y in zip(m1, m2):
@@ -185,9 +175,7 @@ def test_two_processes_match_one(tiny_tree, tmp_path, feature_weight, lmbda, mod
             assert y["feature"] == pytest.approx(x["feature"], abs=1e-5, rel=0)
         if mode == "multitask":
             assert y["rationale_task_ce"] == pytest.approx(x["rationale_task_ce"], abs=1e-5, rel=0)
-    w1, w2 = student_weights(one["out_dir"]), student_weights(two["out_dir"])
-    for k in w1:
-        torch.testing.assert_close(w2[k], w1[k], atol=1e-5, rtol=0)
+    assert_same_students(one["out_dir"], two["out_dir"], atol=1e-5)
     if feature_weight:
         p1 = load_file(str(Path(one["out_dir"]) / "projectors" / "projectors.safetensors"))
         p2 = load_file(str(Path(two["out_dir"]) / "projectors" / "projectors.safetensors"))

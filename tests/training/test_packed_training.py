@@ -4,14 +4,10 @@ the live teacher, and 2 processes == 1."""
 
 import copy
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
 from distill.config import build_config
@@ -20,7 +16,7 @@ from distill.models.build import build_tokenizer
 from distill.pipeline.cache import write_teacher_cache
 from distill.training.loop import train
 
-from helpers import crash_at, read_metrics, student_weights, write_text_rows
+from helpers import crash_at, read_metrics, student_weights, train_in_two_processes, write_text_rows
 
 
 @pytest.fixture
@@ -102,12 +98,7 @@ def test_two_processes_match_one(text_tree, tmp_path):
     m1 = _run(one, tmp_path / "one", micro_batch_size=4, grad_accum=2)
     two["out_dir"] = str(tmp_path / "two")
     two["train"].update(micro_batch_size=4, grad_accum=1)
-    (tmp_path / "two.yaml").write_text(yaml.safe_dump(two))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541",
-           "-m", "distill", "train", str(tmp_path / "two.yaml"), "--no-eval"]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    train_in_two_processes(two, tmp_path / "two.yaml", port=29541)
     m2 = read_metrics(tmp_path / "two")
     assert len(m2) == len(m1) == text_tree["train"]["steps"]
     for x, y in zip(m1, m2):

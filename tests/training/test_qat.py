@@ -5,14 +5,10 @@ quantized student is evaluated, gated, budgeted and reported beside the full-pre
 
 import copy
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from distill.config import build_config
 from distill.errors import DistillError
@@ -22,7 +18,7 @@ from distill.pipeline.runner import run_eval, run_training
 from distill.report import write_report
 from distill.training.loop import train
 
-from helpers import assert_resumed_equals, crash_at, read_metrics, student_weights
+from helpers import assert_resumed_equals, assert_same_students, crash_at, read_metrics, train_in_two_processes
 
 pytest.importorskip("torchao")
 
@@ -146,19 +142,12 @@ def test_qat_two_processes_match_one(tiny_tree, tmp_path):
     one["train"].update(micro_batch_size=4, grad_accum=2)
     two["train"].update(micro_batch_size=4, grad_accum=1)
     _train(one)
-    cfg = tmp_path / "two.yaml"
-    cfg.write_text(yaml.safe_dump(two))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29561"]
-    proc = subprocess.run([*cmd, "-m", "distill", "train", str(cfg), "--no-eval"], env=env, capture_output=True, text=True, timeout=300, check=False)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    train_in_two_processes(two, tmp_path / "two.yaml", port=29561)
     m1, m2 = read_metrics(one["out_dir"]), read_metrics(two["out_dir"])
     assert len(m2) == len(m1) == tree["train"]["steps"]
     for x, y in zip(m1, m2):
         assert y["loss"] == pytest.approx(x["loss"], abs=1e-5, rel=0)
-    w1, w2 = student_weights(one["out_dir"]), student_weights(two["out_dir"])
-    for k in w1:
-        torch.testing.assert_close(w2[k], w1[k], atol=1e-5, rtol=0)
+    assert_same_students(one["out_dir"], two["out_dir"], atol=1e-5)
     assert (Path(two["out_dir"]) / "student-int4" / "quant.json").is_file()
 
 

@@ -5,9 +5,6 @@ before anything is written."""
 
 import copy
 import importlib.util
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,7 +15,7 @@ from distill.errors import DistillError
 from distill.training import trackers
 from distill.training.loop import train
 
-from helpers import crash_at, read_metrics
+from helpers import crash_at, read_metrics, train_in_two_processes
 
 pytest.importorskip("tensorboard")
 from tensorboard.backend.event_processing.plugin_event_accumulator import EventAccumulator
@@ -96,12 +93,7 @@ def test_trackers_may_be_added_on_resume(tiny_tree, monkeypatch):
 def test_only_the_main_process_logs(tiny_tree, tmp_path):
     """2 gloo processes: one process's event file, holding the run's metrics.jsonl."""
     tiny_tree["train"].update(steps=2, micro_batch_size=4, report_to=["tensorboard"])
-    config = tmp_path / "run.yaml"
-    config.write_text(yaml.safe_dump(tiny_tree))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29583"]
-    proc = subprocess.run([*cmd, "-m", "distill", "train", str(config), "--no-eval"], env={**os.environ, "OMP_NUM_THREADS": "1"},
-                          capture_output=True, text=True, timeout=300, check=False)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    train_in_two_processes(tiny_tree, tmp_path / "run.yaml", port=29583)
     run_dir = Path(tiny_tree["out_dir"])
     writers = {p.name.split(".")[-2] for p in (run_dir / "trackers").rglob("events.out.tfevents.*")}  # the writing pids
     assert len(writers) == 1
