@@ -180,17 +180,7 @@ def write_teacher_cache(
     2 x params x tokens FLOPs, seconds; totals over every shard the manifest lists, so a
     resumed cache, or one killed between a shard and its record, counts each shard once).
     """
-    if cfg.teacher is None and server is None:
-        raise DistillError("distill cache needs a 'teacher' section in the run config (or --server)")
-    if server is not None and cfg.objective.temperature != 1.0:
-        raise DistillError(
-            f"objective.temperature is {cfg.objective.temperature:g}: a server's prompt log-probs are at temperature 1 "
-            "and a top-k cannot be re-tempered; cache at objective.temperature=1"
-        )
-    if logprob_dtype not in LOGPROB_DTYPES:
-        raise DistillError(f"--dtype must be one of {sorted(LOGPROB_DTYPES)}, got {logprob_dtype!r}")
-    if shard_examples < 1 or batch_size < 1:
-        raise DistillError("--shard-examples and --batch-size must be >= 1")
+    check_cache_arguments(cfg, server, logprob_dtype, shard_examples, batch_size)
     source = cfg.teacher if cfg.teacher is not None else cfg.student
     tokenizer = build_tokenizer(source, "teacher" if cfg.teacher is not None else "student")
     vocab = len(tokenizer)
@@ -208,8 +198,7 @@ def write_teacher_cache(
         "shard_examples": shard_examples,
     }
     writer = CacheWriter(Path(out), header, len(examples))
-    todo = writer.todo()
-    if todo:
+    if writer.todo():
         if server is not None:
             params = teacher_params
 
@@ -226,18 +215,41 @@ def write_teacher_cache(
                     teacher, examples[lo:hi], tokenizer.pad_token_id, vocab, top_k, cfg.objective.temperature, batch_size
                 )
 
-        counts = target_counts(examples)
-        done = writer.n_shards - len(todo)
-        progress = Progress(writer.n_shards, done, enabled=show_progress, label="cache")
-        for index in todo:
-            t0 = time.perf_counter()
-            lo, hi = index * shard_examples, min((index + 1) * shard_examples, len(examples))
-            ids, logprobs, rest = topk(lo, hi)
-            writer.write_shard(index, counts[lo:hi], ids, logprobs, rest, seconds=time.perf_counter() - t0)
-            # Recomputed from the manifest at every shard: a killed and resumed cache counts
-            # every listed shard once, even one whose record the kill cut off.
-            record_phase(Path(out) / rundir.BUDGET, "teacher_caching", totals=writer.budget(examples, params))
-            done += 1
-            progress.update(done, float("nan"), 0.0)
-        progress.close()
+        write_missing_shards(writer, topk, examples, Path(out), params, show_progress)
     return read_manifest(Path(out))
+
+
+def check_cache_arguments(cfg, server: ServerSettings | None, logprob_dtype: str, shard_examples: int, batch_size: int) -> None:
+    """The settings of `distill cache`, checked before anything is read or written."""
+    if cfg.teacher is None and server is None:
+        raise DistillError("distill cache needs a 'teacher' section in the run config (or --server)")
+    if server is not None and cfg.objective.temperature != 1.0:
+        raise DistillError(
+            f"objective.temperature is {cfg.objective.temperature:g}: a server's prompt log-probs are at temperature 1 "
+            "and a top-k cannot be re-tempered; cache at objective.temperature=1"
+        )
+    if logprob_dtype not in LOGPROB_DTYPES:
+        raise DistillError(f"--dtype must be one of {sorted(LOGPROB_DTYPES)}, got {logprob_dtype!r}")
+    if shard_examples < 1 or batch_size < 1:
+        raise DistillError("--shard-examples and --batch-size must be >= 1")
+
+
+def write_missing_shards(writer: CacheWriter, topk, examples: list[Example], out: Path, params: int | None, show_progress: bool) -> None:
+    """Write every shard the manifest does not list yet, `topk(lo, hi)` giving the teacher's
+    top-k of examples lo..hi; budget.json's teacher_caching phase after each shard."""
+    size = writer.header["shard_examples"]
+    counts = target_counts(examples)
+    todo = writer.todo()
+    done = writer.n_shards - len(todo)
+    progress = Progress(writer.n_shards, done, enabled=show_progress, label="cache")
+    for index in todo:
+        t0 = time.perf_counter()
+        lo, hi = index * size, min((index + 1) * size, len(examples))
+        ids, logprobs, rest = topk(lo, hi)
+        writer.write_shard(index, counts[lo:hi], ids, logprobs, rest, seconds=time.perf_counter() - t0)
+        # Recomputed from the manifest at every shard: a killed and resumed cache counts
+        # every listed shard once, even one whose record the kill cut off.
+        record_phase(out / rundir.BUDGET, "teacher_caching", totals=writer.budget(examples, params))
+        done += 1
+        progress.update(done, float("nan"), 0.0)
+    progress.close()
