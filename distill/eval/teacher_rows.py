@@ -8,8 +8,10 @@ its own tokenizer (`encode`), so candidates with different vocabularies score th
 
 Chat rows, {"messages": [{"role", "content"}, ...]}, are read here (`chat_samples`) and
 rendered with each candidate's own chat template (`chat_parts`); the scored target is the
-last assistant turn, the conversation before it is the context. This is local to the
-teacher comparison; the training data reader has its own chat support.
+last assistant turn, the conversation before it is the context. Messages are checked by
+`data.chat.parse_messages`, as training's chat rows are; the rendering here differs from
+training's (`data.chat.chat_example`) because it scores only the last turn, as text, with
+each candidate's template, including candidates without one (plain role lines).
 """
 
 from collections.abc import Sequence
@@ -17,12 +19,12 @@ from dataclasses import dataclass
 
 from distill.config import RunConfig
 from distill.data.build import build_rows
+from distill.data.chat import ROLES, parse_messages
 from distill.data.rows import Example, Row, is_text
 from distill.errors import DistillError
 from distill.loss.token_losses import IGNORE_INDEX
 from distill.paths import jsonl_objects
 
-ROLES = ("system", "user", "assistant")
 PLAIN_STOPS = tuple(f"\n{r}:" for r in ROLES)  # where an answer in plain role lines ends
 TEXT_PROMPT_WORDS = 24  # a {"text"} row's first words (at most half of them) are the prompt continued greedily
 
@@ -55,17 +57,10 @@ class Encoded:
 
 
 def _check_messages(messages, where: str) -> tuple[tuple[str, str], ...]:
-    """((role, content), ...) of a chat row: [system], then user/assistant alternating from a
-    user turn, ending with the assistant turn that is scored; anything else names the row."""
-    if not isinstance(messages, list) or not messages:
-        raise DistillError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects")
-    out = []
-    for k, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-            raise DistillError(f"{where}: message {k + 1} needs a string 'role' and a string 'content'")
-        if m["role"] not in ROLES:
-            raise DistillError(f"{where}: message {k + 1} has role {m['role']!r}; expected one of {', '.join(ROLES)}")
-        out.append((m["role"], m["content"]))
+    """((role, content), ...) of a chat row (`data.chat.parse_messages`), here also [system],
+    then user/assistant alternating from a user turn, ending with the assistant turn that is
+    scored; anything else names the row."""
+    out = parse_messages(messages, where, need_assistant=False)  # each message's role and content
     turns = out[1:] if out[0][0] == "system" else out
     expected = ["user" if k % 2 == 0 else "assistant" for k in range(len(turns))]
     if [r for r, _ in turns] != expected or not turns or turns[-1][0] != "assistant":
