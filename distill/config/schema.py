@@ -134,6 +134,14 @@ class ObjectiveConfig(Section):
     both models' logits are a plain lm_head of their last hidden state; true: require it."""
     chunk_size: int | None = Field(None, ge=1)
     """Tokens per chunk of the fused path; null: about 2**25 logits per chunk (V=128k: 261)."""
+    cross_tokenizer: Literal["bucket", "uld"] | None = None
+    """A teacher of another tokenizer: each student row is retokenized for the teacher, the
+    two tokenizations aligned by byte offsets, and the KD term taken where both predict from
+    the same text. bucket: the divergence over the token strings both vocabularies hold plus
+    one leftover bucket per side; uld: that plus the sorted-probability L1 (ULD) between the
+    leftovers. null: the tokenizers must match (a mismatch is an error)."""
+    uld_top_k: int = Field(64, ge=1)
+    """With cross_tokenizer=uld: how many of each side's largest leftover probabilities ULD compares."""
 
     def term_weights(self) -> tuple[float, float]:
         """(task CE weight, KD weight): (1 - alpha, alpha * T^2), or alpha without t_squared."""
@@ -350,6 +358,16 @@ class RunConfig(Section):
             raise ValueError("features.weight > 0 needs the live teacher's hidden states; a teacher_cache holds logits only")
         if self.teacher_cache is not None and self.rationale.mode != "completion":
             raise ValueError("a teacher_cache covers the rows' completions; rationale.mode must be 'completion' with it")
+        if self.objective.cross_tokenizer is not None:
+            if self.objective.fused:
+                raise ValueError("objective.fused=true: the fused path needs one vocabulary; objective.cross_tokenizer has two")
+            if self.data.packing:
+                raise ValueError("data.packing=true packs rows into blocks, but objective.cross_tokenizer retokenizes whole rows")
+            if self.features.weight > 0:
+                raise ValueError("features.weight > 0 pairs positions of one tokenization; objective.cross_tokenizer has two")
+            if self.teacher is None:
+                raise ValueError("objective.cross_tokenizer aligns with the teacher's tokenizer; set 'teacher' (with a teacher_cache too)")
+            self.data.packing = False
         if self.on_policy.lmbda > 0 or self.rationale.mode == "multitask":
             if self.data.packing:
                 why = "on_policy.lmbda > 0 samples completions of whole prompts"

@@ -125,6 +125,7 @@ class Example:
     input_ids: list[int]
     labels: list[int]  # IGNORE_INDEX on prompt tokens
     position_ids: list[int] | None = None  # packed blocks only: 0 at each document's first token
+    messages: tuple | None = None  # a chat row's conversation (a teacher of another tokenizer renders its own)
 
 
 MAX_CHARS_PER_TOKEN = 64  # no tokenizer averages more over a row: a longer row is surely over max_length
@@ -204,7 +205,7 @@ def tokenize_rows(rows: list[Row], tokenizer, max_length: int, source: str = "da
                     f"{source}: row {i + 1} has a {n_prompt}-token prompt; data.max_length={max_length} leaves no target"
                 )
             ids, labels = ids[:max_length], labels[:max_length]
-        out.append(Example(ids, labels))
+        out.append(Example(ids, labels, messages=rows[i].messages))
     return out
 
 

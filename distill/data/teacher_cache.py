@@ -13,11 +13,15 @@ On disk:
     cache/
       manifest.json            teacher id, tokenizer hash, dataset hash, k, dtype,
                                temperature, vocab size, shard size, and one entry per
-                               finished shard: file, examples, tokens, bytes, sha256
+                               finished shard: file, examples, tokens, bytes, sha256;
+                               a cross-tokenizer cache: cross_tokenizer, teacher_tokenizer_hash
       shard-00000.safetensors  offsets (count + 1,) int64   token range of each example
                                ids (tokens, k) int32         top-k ids, best first
                                logprobs (tokens, k) float16|float32
                                rest (tokens,) float32        log leftover mass (-inf: none)
+                               cross-tokenizer caches also (teacher ids, all positions):
+                               teacher_offsets (count + 1,)  token range of each example
+                               teacher_tokens (n,) int32     the teacher's tokenization
 
 Shards are written to a temp file, flushed to disk and renamed, and a shard counts only
 once the manifest (itself replaced atomically) lists it, so a killed run leaves nothing
@@ -46,7 +50,7 @@ from distill.paths import read_json
 FORMAT = 1
 LOGPROB_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 # Keys whose mismatch means a cache belongs to another run; checked in this order.
-IDENTITY_KEYS = ("tokenizer_hash", "dataset_hash", "temperature", "teacher")
+IDENTITY_KEYS = ("tokenizer_hash", "dataset_hash", "temperature", "teacher", "teacher_tokenizer_hash")
 
 
 def tokenizer_hash(tokenizer) -> str:
@@ -148,6 +152,11 @@ class TeacherCache:
         """
         self.path = Path(path)
         self.manifest = m = read_manifest(self.path)
+        self.cross = bool(m.get("cross_tokenizer", False))
+        if self.cross != bool(expected.get("cross_tokenizer", False)):
+            kind = "a cross-tokenizer cache (teacher tokens)" if self.cross else "a cache in the student's tokens"
+            raise DistillError(f"{self.path}: {kind}, but this run's objective.cross_tokenizer says otherwise; "
+                               f"rebuild it with `distill cache` for this run")  # fmt: skip
         for key in IDENTITY_KEYS:
             want = expected.get(key)
             if want is not None and m.get(key) != want:
@@ -178,6 +187,8 @@ class TeacherCache:
             raise DistillError(f"{path}: unreadable shard ({e})") from None
         n, k = shard["tokens"], self.k
         want = {"offsets": (shard["examples"] + 1,), "ids": (n, k), "logprobs": (n, k), "rest": (n,)}
+        if self.cross:
+            want["teacher_offsets"] = (shard["examples"] + 1,)
         for key, shape in want.items():
             if key not in tensors or tuple(tensors[key].shape) != shape:
                 got = tuple(tensors[key].shape) if key in tensors else "missing"
@@ -187,6 +198,11 @@ class TeacherCache:
             raise DistillError(f"{path}: its offsets do not cover its {n} tokens in order; rerun `distill cache`")
         if ids.numel() and (ids.min().item() < 0 or ids.max().item() >= self.vocab_size):
             raise DistillError(f"{path}: token ids outside the vocabulary of {self.vocab_size}; rerun `distill cache`")
+        if self.cross:  # the teacher's tokens of each example: one more than its top-k rows
+            t_off, tokens = tensors["teacher_offsets"], tensors.get("teacher_tokens")
+            lengths = t_off[1:] - t_off[:-1]
+            if tokens is None or tokens.shape != (t_off[-1].item(),) or not torch.equal(lengths - 1, offsets[1:] - offsets[:-1]):
+                raise DistillError(f"{path}: its teacher tokens do not match its top-k rows; rerun `distill cache`")
         return tensors
 
     def example(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -195,6 +211,14 @@ class TeacherCache:
         j = i % self.size
         a, b = shard["offsets"][j].item(), shard["offsets"][j + 1].item()
         return shard["ids"][a:b].long(), shard["logprobs"][a:b].float(), shard["rest"][a:b]
+
+    def cross_example(self, i: int) -> tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A cross-tokenizer cache's example i: the teacher's tokens, and the top-k at each
+        of its positions but the last (ids, logprobs, rest as in `example`)."""
+        shard = self.shards[i // self.size]
+        j = i % self.size
+        a, b = shard["teacher_offsets"][j].item(), shard["teacher_offsets"][j + 1].item()
+        return (shard["teacher_tokens"][a:b].tolist(), *self.example(i))
 
     def attach(self, batch: dict[str, torch.Tensor], indices: list[int]) -> dict[str, torch.Tensor]:
         """Add teacher_ids (B, T-1, k), teacher_logprobs (B, T-1, k), teacher_rest (B, T-1)

@@ -10,7 +10,7 @@ from distill.config import ModelConfig, RunConfig
 from distill.data.rows import Example
 from distill.data.tasks.tokenizer import chain_tokenizer
 from distill.data.teacher_cache import TeacherCache, dataset_hash, tokenizer_hash
-from distill.errors import ConfigError
+from distill.errors import ConfigError, DistillError
 from distill.models.loading import check_vocabularies, load_causal_lm, load_tokenizer
 
 
@@ -71,7 +71,13 @@ def build_teacher(cfg: RunConfig, student_tokenizer, student):
     with the student (a mismatch is an error)."""
     t_tok = build_tokenizer(cfg.teacher, "teacher")
     teacher = build_model(cfg.teacher, t_tok, "teacher", seeds.teacher_init(cfg.train.seed))
-    vocab = check_vocabularies(t_tok, student_tokenizer, output_size(teacher), output_size(student))
+    if cfg.objective.cross_tokenizer is not None:  # two vocabularies, aligned by bytes: the student's size
+        vocab = len(student_tokenizer)
+    else:
+        try:
+            vocab = check_vocabularies(t_tok, student_tokenizer, output_size(teacher), output_size(student))
+        except DistillError as e:
+            raise DistillError(f"{e} (a teacher of another tokenizer: set objective.cross_tokenizer=bucket)") from None
     teacher.eval().requires_grad_(False)
     return teacher, t_tok, vocab
 
@@ -86,6 +92,10 @@ def build_teacher_cache(cfg: RunConfig, tokenizer, examples: list[Example], stud
         "temperature": cfg.objective.temperature,
         "teacher": None if cfg.teacher is None else model_id(cfg.teacher, seeds.teacher_init(cfg.train.seed)),
     }
+    if cfg.objective.cross_tokenizer is not None:  # the teacher's own ids, aligned at attach time
+        expected["cross_tokenizer"] = True
+        expected["teacher_tokenizer_hash"] = tokenizer_hash(build_tokenizer(cfg.teacher, "teacher"))
+        return TeacherCache(cfg.teacher_cache, expected)
     cache = TeacherCache(cfg.teacher_cache, expected)
     if cache.vocab_size > student_vocab:
         raise ConfigError(f"teacher_cache: vocabulary {cache.vocab_size} > the student's output size {student_vocab}")

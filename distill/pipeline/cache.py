@@ -31,6 +31,7 @@ from distill.paths import atomic_write_bytes, atomic_write_json
 from distill.pipeline.chat_client import ServerSettings
 from distill.pipeline.served_cache import served_topk
 from distill.progress import Progress
+from distill.training.cross_teacher import Retokenizer
 
 
 @torch.no_grad()
@@ -114,7 +115,11 @@ class CacheWriter:
     def todo(self) -> list[int]:
         return [i for i in range(self.n_shards) if i not in self.shards]
 
-    def write_shard(self, index: int, counts: list[int], ids, logprobs, rest, seconds: float | None = None) -> None:
+    def write_shard(
+        self, index: int, counts: list[int], ids, logprobs, rest, seconds: float | None = None,
+        teacher_tokens: list[list[int]] | None = None,
+    ) -> None:
+        """`teacher_tokens`: a cross-tokenizer cache's teacher tokenization of each example."""
         size = self.header["shard_examples"]
         offsets = torch.tensor([0, *counts], dtype=torch.int64).cumsum(0)  # (count + 1,)
         if offsets[-1].item() != ids.shape[0]:
@@ -125,6 +130,10 @@ class CacheWriter:
             "logprobs": logprobs.to(LOGPROB_DTYPES[self.header["logprob_dtype"]]).contiguous(),
             "rest": rest.to(torch.float32).contiguous(),
         }
+        if teacher_tokens is not None:
+            lengths = [len(t) for t in teacher_tokens]
+            tensors["teacher_offsets"] = torch.tensor([0, *lengths], dtype=torch.int64).cumsum(0)
+            tensors["teacher_tokens"] = torch.tensor([i for t in teacher_tokens for i in t], dtype=torch.int32)
         data = save(tensors)  # the shard's bytes: hashed here, written once, never re-read
         name = f"shard-{index:05d}.safetensors"
         atomic_write_bytes(self.out / name, data)  # temp file, fsync, rename
@@ -187,10 +196,14 @@ def write_teacher_cache(
     if not 1 <= top_k <= vocab:
         raise DistillError(f"--top-k must be in [1, {vocab}] (the teacher's vocabulary), got {top_k}")
     examples = build_examples(cfg.data, tokenizer)
+    identity = {"tokenizer_hash": tokenizer_hash(tokenizer), "dataset_hash": dataset_hash(examples)}
+    teacher_tokens = None
+    if cfg.objective.cross_tokenizer is not None:  # the student's rows, in the teacher's tokens
+        examples, identity = cross_examples(cfg, tokenizer)
+        teacher_tokens = [e.input_ids for e in examples]
     header = {
         "teacher": f"server:{server.model}" if server else model_id(cfg.teacher, seeds.teacher_init(cfg.train.seed)),
-        "tokenizer_hash": tokenizer_hash(tokenizer),
-        "dataset_hash": dataset_hash(examples),
+        **identity,
         "temperature": cfg.objective.temperature,
         "top_k": top_k,
         "logprob_dtype": logprob_dtype,
@@ -215,8 +228,28 @@ def write_teacher_cache(
                     teacher, examples[lo:hi], tokenizer.pad_token_id, vocab, top_k, cfg.objective.temperature, batch_size
                 )
 
-        write_missing_shards(writer, topk, examples, Path(out), params, show_progress)
+        write_missing_shards(writer, topk, examples, Path(out), params, show_progress, teacher_tokens)
     return read_manifest(Path(out))
+
+
+def cross_examples(cfg, teacher_tokenizer) -> tuple[list[Example], dict]:
+    """A cross-tokenizer cache's examples: each student example's text in the teacher's
+    tokens, every position a target; and the cache's identity (the student's tokenizer and
+    examples, and the teacher's tokenizer)."""
+    s_tok = build_tokenizer(cfg.student, "student")
+    s_examples = build_examples(cfg.data, s_tok)
+    retok = Retokenizer(teacher_tokenizer, s_tok)
+    examples = []
+    for e in s_examples:
+        t_ids = retok.teacher_ids(e)
+        examples.append(Example(t_ids, [IGNORE_INDEX] + t_ids[1:]))
+    identity = {
+        "tokenizer_hash": tokenizer_hash(s_tok),
+        "dataset_hash": dataset_hash(s_examples),
+        "cross_tokenizer": True,
+        "teacher_tokenizer_hash": tokenizer_hash(teacher_tokenizer),
+    }
+    return examples, identity
 
 
 def check_cache_arguments(cfg, server: ServerSettings | None, logprob_dtype: str, shard_examples: int, batch_size: int) -> None:
@@ -234,7 +267,10 @@ def check_cache_arguments(cfg, server: ServerSettings | None, logprob_dtype: str
         raise DistillError("--shard-examples and --batch-size must be >= 1")
 
 
-def write_missing_shards(writer: CacheWriter, topk, examples: list[Example], out: Path, params: int | None, show_progress: bool) -> None:
+def write_missing_shards(
+    writer: CacheWriter, topk, examples: list[Example], out: Path, params: int | None, show_progress: bool,
+    teacher_tokens: list[list[int]] | None = None,
+) -> None:
     """Write every shard the manifest does not list yet, `topk(lo, hi)` giving the teacher's
     top-k of examples lo..hi; budget.json's teacher_caching phase after each shard."""
     size = writer.header["shard_examples"]
@@ -246,7 +282,8 @@ def write_missing_shards(writer: CacheWriter, topk, examples: list[Example], out
         t0 = time.perf_counter()
         lo, hi = index * size, min((index + 1) * size, len(examples))
         ids, logprobs, rest = topk(lo, hi)
-        writer.write_shard(index, counts[lo:hi], ids, logprobs, rest, seconds=time.perf_counter() - t0)
+        tokens = teacher_tokens[lo:hi] if teacher_tokens is not None else None
+        writer.write_shard(index, counts[lo:hi], ids, logprobs, rest, seconds=time.perf_counter() - t0, teacher_tokens=tokens)
         # Recomputed from the manifest at every shard: a killed and resumed cache counts
         # every listed shard once, even one whose record the kill cut off.
         record_phase(out / rundir.BUDGET, "teacher_caching", totals=writer.budget(examples, params))

@@ -10,9 +10,10 @@ from distill.budget import record_phase
 from distill.config import RunConfig, load_config
 from distill.data.build import build_rows
 from distill.data.rationale import eval_rows
-from distill.data.rows import is_text
+from distill.data.rows import is_text, tokenize_rows
 from distill.data.tasks import chain
 from distill.errors import ConfigError, DistillError
+from distill.eval.cross_scores import cross_scores
 from distill.eval.evaluate import evaluate_rows, load_student
 from distill.eval.gates import check_gates
 from distill.eval.text import evaluate_text
@@ -20,6 +21,7 @@ from distill.eval.truth import truth_scores
 from distill.models.build import build_teacher
 from distill.models.quantize import SCHEMES
 from distill.paths import atomic_write_json
+from distill.training.cross_teacher import Retokenizer
 from distill.training.loop import train
 
 
@@ -65,6 +67,9 @@ def evaluate_run(cfg: RunConfig, model, tokenizer, run_dir: Path | None, folder:
     if torch.cuda.is_available() and cfg.train.device == "auto":
         model.to("cuda")  # the teacher follows the student's device
     teacher, t_tok, vocab = load_eval_teacher(cfg, tokenizer, model)
+    cross = None
+    if teacher is not None and cfg.objective.cross_tokenizer is not None:  # never feed it the student's ids
+        cross, teacher, t_tok, vocab = (teacher, Retokenizer(t_tok, tokenizer)), None, None, len(tokenizer)
     if is_text(rows) and not d.source.startswith("builtin:"):  # {"text"} rows: no prompt, no answer
         result, usage = evaluate_text(model, tokenizer, rows, cfg.eval, d.max_length, d.truncate, teacher, vocab)
         scored = result["text"]  # what the gates read
@@ -76,6 +81,9 @@ def evaluate_run(cfg: RunConfig, model, tokenizer, run_dir: Path | None, folder:
             model, tokenizer, rows, cfg.eval, d.max_length, *task, teacher, t_tok, vocab, truncate=d.truncate
         )
         scored = result
+    if cross is not None:  # the teacher of another tokenizer, compared where the texts align
+        examples = tokenize_rows(rows, tokenizer, d.max_length, "held-out rows", d.truncate)
+        result["cross_teacher"] = cross_scores(model, *cross, examples, cfg.eval.batch_size, vocab, tokenizer.pad_token_id)
     if d.source == "builtin:grammar":  # the true distribution is known: score against it
         result["truth"] = truth_scores(model, tokenizer, rows, d.seed, cfg.eval.batch_size, d.max_length, teacher)
     if gates:

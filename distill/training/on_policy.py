@@ -15,6 +15,7 @@ import torch
 
 from distill import seeds
 from distill.config import OnPolicyConfig
+from distill.data import chat
 from distill.data.rows import Example
 from distill.errors import DistillError
 from distill.loss.token_losses import IGNORE_INDEX
@@ -68,6 +69,16 @@ def check_prompts(examples: list[Example], max_new_tokens: int, max_length: int)
             )
 
 
+def sampled_turn(messages):
+    """A chat row's conversation before its last assistant turn, then that turn as the sample
+    (content `cross_teacher.SAMPLE`, the example's labelled tokens): what a teacher of
+    another tokenizer renders. None for a plain row."""
+    if messages is None:
+        return None
+    k = chat.last_assistant(messages)
+    return tuple(messages[:k]) + (("assistant", None),)
+
+
 def sample_examples(
     model, examples: list[Example], indices: list[int], cfg: OnPolicyConfig, eos_id: int, pad_id: int, seed: int, step: int
 ) -> tuple[list[Example], Rollout]:
@@ -86,5 +97,8 @@ def sample_examples(
     finally:
         model.train(was_training)
     done = Rollout([c for p in parts for c in p.completions], [e for p in parts for e in p.ended])
-    out = [Example(p + c, [IGNORE_INDEX] * len(p) + c) for p, c in zip(prompts, done.completions)]
+    out = [
+        Example(p + c, [IGNORE_INDEX] * len(p) + c, messages=sampled_turn(examples[i].messages))
+        for i, p, c in zip(indices, prompts, done.completions)
+    ]
     return out, done

@@ -21,11 +21,12 @@ from distill.data.packing import check_isolation
 from distill.data.rationale import task_weights
 from distill.data.rows import tokenize_rows
 from distill.errors import DistillError
-from distill.models.build import build_models, build_teacher_cache, output_size
+from distill.models.build import build_models, build_teacher_cache, build_tokenizer, output_size
 from distill.models.loading import count_parameters
 from distill.models.quantize import Scheme, prepare_qat
 from distill.training.alignment import AlignmentProbe, Probe
 from distill.training.batch_sources import BatchSource, build_batch_source
+from distill.training.cross_teacher import Retokenizer
 from distill.training.features import build_projectors, kept_layers, layer_pairs, num_layers
 from distill.training.objective import LossTerm, build_extra_terms
 from distill.training.on_policy import check_prompts
@@ -105,10 +106,11 @@ def optimizer_and_schedule(cfg: RunConfig, params: list[torch.nn.Parameter]):
 
 
 def build_probe(cfg: RunConfig, pairs, teacher, tokenizer, run_dir: Path, write: bool) -> AlignmentProbe | None:
-    """The run's `AlignmentProbe`, or None (no teacher model, no held-out rows, or turned off)."""
+    """The run's `AlignmentProbe`, or None (no teacher model, another tokenizer, no held-out
+    rows, or turned off)."""
     f = cfg.features
-    if teacher is None or f.probe_examples == 0:
-        return None
+    if teacher is None or f.probe_examples == 0 or cfg.objective.cross_tokenizer is not None:
+        return None  # the probe feeds both models one tokenization: never a teacher of another vocabulary
     rows = build_rows(cfg.data, "test")[: f.probe_examples]
     if not rows:
         return None
@@ -155,7 +157,10 @@ def setup(cfg: RunConfig, resume: bool) -> Run:
     fused = use_fused_path(cfg, plain_student, teacher_model, cache, examples, tokenizer.pad_token_id, acc.device)
     probe = build_probe(cfg, pairs, teacher_model, tokenizer, run_dir, acc.is_main_process)
     terms = build_extra_terms(cfg.features, projectors, pairs)
-    teacher = build_teacher_source(cfg, vocab, teacher_model, cache, plain_student, fused, bool(terms))
+    retok = None
+    if cfg.objective.cross_tokenizer is not None and (teacher_model is not None or cache is not None):
+        retok = Retokenizer(build_tokenizer(cfg.teacher, "teacher"), tokenizer)
+    teacher = build_teacher_source(cfg, vocab, teacher_model, cache, plain_student, fused, bool(terms), retok)
     return Run(
         cfg=cfg, acc=acc, run_dir=run_dir, student=student, tokenizer=tokenizer, teacher=teacher,
         source=build_batch_source(cfg, task_examples, acc, student, tokenizer, timer(acc)), terms=terms,

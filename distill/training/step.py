@@ -27,8 +27,8 @@ def step_batches(run: Run, mbs: list[list[int]], got: StepExamples) -> list[tupl
     batches = []
     for mb in mbs:
         for task, examples in enumerate(got.tasks):
-            batch = collate([examples[i] for i in mb], run.tokenizer.pad_token_id)
-            batch = run.teacher.attach(batch, mb)
+            chosen = [examples[i] for i in mb]
+            batch = run.teacher.attach(collate(chosen, run.tokenizer.pad_token_id), mb, chosen)
             batches.append((task, {k: v.to(run.acc.device) for k, v in batch.items()}))
     return batches
 

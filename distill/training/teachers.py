@@ -3,15 +3,18 @@
 Every kind answers the same three questions for the loop, so the loop never asks which
 kind it has:
 
-    attach(batch, indices)      what the teacher adds to a collated batch (a cache: top-k)
+    attach(batch, indices, examples)
+                                what the teacher adds to a collated batch (a cache: top-k;
+                                another tokenizer: its tokens of the same rows)
     forward(batch)              the teacher model's outputs, no grad (None without a model)
     logit_terms(s_out, t_out, batch, weights)
                                 (weighted loss sum, {"task_ce": sum, "kd": sum}) over the
                                 batch's valid tokens
 
 Kinds: `NoTeacher` (labels only), `LiveTeacher` (a model in this process, fused with both
-lm_heads or on full logits), `CachedTeacher` (top-k from `distill cache`, no model). A new
-kind (a served teacher, another tokenizer) is one more class with these methods and one
+lm_heads or on full logits), `CachedTeacher` (top-k from `distill cache`, no model), and for
+a teacher of another tokenizer `CrossTokenizerTeacher` / `CrossCachedTeacher`
+(`distill.training.cross_teacher`). A new kind is one more class with these methods and one
 line in `build_teacher_source`.
 """
 
@@ -21,7 +24,7 @@ import torch
 
 from distill.config import RunConfig
 from distill.data.packing import model_inputs
-from distill.data.rows import collate
+from distill.data.rows import Example, collate
 from distill.data.teacher_cache import TeacherCache
 from distill.errors import DistillError
 from distill.loss.terms import (
@@ -32,6 +35,7 @@ from distill.loss.terms import (
     sparse_term_sums,
     term_sums,
 )
+from distill.training.cross_teacher import CrossCachedTeacher, CrossTokenizerTeacher, Retokenizer
 
 Terms = tuple[torch.Tensor, dict[str, torch.Tensor]]
 
@@ -41,7 +45,7 @@ class Teacher(Protocol):
     fused: bool  # the student runs with logits_to_keep=1 and hands its hidden states over
     model: torch.nn.Module | None  # the teacher model, where there is one (features, probe)
 
-    def attach(self, batch: dict[str, torch.Tensor], indices: list[int]) -> dict[str, torch.Tensor]: ...
+    def attach(self, batch: dict[str, torch.Tensor], indices: list[int], examples: list[Example]) -> dict[str, torch.Tensor]: ...
 
     def forward(self, batch: dict[str, torch.Tensor]): ...
 
@@ -56,7 +60,7 @@ class _Objective:
         self.vocab, self.temperature, self.divergence = vocab, obj.temperature, obj.divergence
         self.params, self.chunk_size = obj.divergence_params(), obj.chunk_size
 
-    def attach(self, batch: dict[str, torch.Tensor], indices: list[int]) -> dict[str, torch.Tensor]:
+    def attach(self, batch: dict[str, torch.Tensor], indices: list[int], examples: list[Example]) -> dict[str, torch.Tensor]:
         return batch
 
     def forward(self, batch: dict[str, torch.Tensor]):
@@ -114,7 +118,7 @@ class CachedTeacher(_Objective):
         super().__init__(cfg, vocab)
         self.cache, self.student_head, self.fused = cache, student_head, fused
 
-    def attach(self, batch: dict[str, torch.Tensor], indices: list[int]) -> dict[str, torch.Tensor]:
+    def attach(self, batch: dict[str, torch.Tensor], indices: list[int], examples: list[Example]) -> dict[str, torch.Tensor]:
         return self.cache.attach(batch, indices)
 
     def logit_terms(self, s_out, t_out, batch, weights) -> Terms:
@@ -134,6 +138,8 @@ def use_fused_path(cfg: RunConfig, student, teacher_model, cache, examples, pad_
     objective.fused=true makes that a requirement, false turns the path off."""
     if (teacher_model is None and cache is None) or cfg.objective.alpha == 0 or cfg.objective.fused is False:
         return False
+    if cfg.objective.cross_tokenizer is not None:  # two vocabularies: the KD term is taken at aligned pairs
+        return False
     sample = {k: v.to(device) for k, v in collate(examples[:2], pad_id).items()}
     models = [student] + ([teacher_model] if teacher_model is not None else [])
     fused = all(head_matches_logits(m, **model_inputs(sample)) for m in models)
@@ -142,12 +148,26 @@ def use_fused_path(cfg: RunConfig, student, teacher_model, cache, examples, pad_
     return fused
 
 
+def pad_id(tokenizer) -> int:
+    for special in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if special is not None:
+            return special
+    return 0
+
+
 def build_teacher_source(
-    cfg: RunConfig, vocab: int, teacher_model, cache: TeacherCache | None, student, fused: bool, states: bool
+    cfg: RunConfig, vocab: int, teacher_model, cache: TeacherCache | None, student, fused: bool, states: bool,
+    retok: Retokenizer | None = None,
 ) -> Teacher:
     """The run's teacher kind. `student` is the unwrapped student (its lm_head feeds the
-    fused path); `states`: a loss term other than the logit terms needs hidden states."""
+    fused path); `states`: a loss term other than the logit terms needs hidden states;
+    `retok`: the student -> teacher retokenizer of a cross-tokenizer run."""
     head = student.get_output_embeddings()
+    if retok is not None:  # objective.cross_tokenizer: the teacher speaks another vocabulary
+        if cache is not None:
+            return CrossCachedTeacher(cfg, vocab, cache, retok)
+        if teacher_model is not None:
+            return CrossTokenizerTeacher(cfg, vocab, teacher_model, retok, pad_id(retok.t_tok))
     if cache is not None:
         return CachedTeacher(cfg, vocab, cache, head, fused)
     if teacher_model is not None:
