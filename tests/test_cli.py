@@ -148,7 +148,15 @@ def test_ctrl_c_exits_130_and_says_interrupted(tmp_path):
     t["train"]["steps"] = 100000  # runs until interrupted
     cfg = write_cfg(tmp_path, t)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "distill", "train", str(cfg)], stderr=subprocess.PIPE, text=True, env=env)
+    # A runner started in the background (`cmd &` in a script, nohup) ignores SIGINT and its
+    # children inherit that; Python then never installs its KeyboardInterrupt handler. With a
+    # handler here while the child starts, exec gives the child the default disposition, as
+    # under an interactive terminal.
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "distill", "train", str(cfg)], stderr=subprocess.PIPE, text=True, env=env)
+    finally:
+        signal.signal(signal.SIGINT, before)
     metrics = tmp_path / "run" / "metrics.jsonl"
     deadline = time.time() + 120
     while not (metrics.exists() and metrics.read_text().count("\n") >= 2) and time.time() < deadline:
