@@ -223,6 +223,15 @@ def _progress(enabled: bool):
     return report
 
 
+def measure_teacher(
+    teacher_name: str, calibration: str | None = None, calibration_rows: int | None = None, dtype: str = "float32"
+) -> Importance:
+    """The importance scores `make_pruned_student` would measure, for reuse across targets."""
+    teacher = load_causal_lm(name=teacher_name, dtype=dtype)
+    texts = calibration_texts(calibration, CALIBRATION_ROWS if calibration_rows is None else calibration_rows)
+    return measure_importance(teacher, calibration_batches(texts, load_tokenizer(teacher_name)), _progress(False))
+
+
 def make_pruned_student(
     teacher_name: str,
     out: str | Path,
@@ -236,12 +245,14 @@ def make_pruned_student(
     calibration_rows: int | None = None,
     dtype: str = "float32",
     show_progress: bool = True,
+    importance: Importance | None = None,
 ) -> dict:
     """Prune `teacher_name` to a student and save it to `out` (whole or not at all).
 
     Every option left None keeps the teacher's size; `params` chooses the hidden and MLP
     sizes not given (`prune_targets.target_dims`). Bad targets and calibration files fail
-    before any measuring or writing.
+    before any measuring or writing. `importance`: scores already measured on this teacher
+    and calibration (`measure_teacher`), so several students of one teacher measure once.
 
     Returns:
         The student.json record without its scores and kept indices, plus `out`.
@@ -257,7 +268,7 @@ def make_pruned_student(
     dims = target_dims(teacher.config, layers, hidden_size, intermediate_size, heads, kv_heads, params)
     texts = calibration_texts(calibration, CALIBRATION_ROWS if calibration_rows is None else calibration_rows)
     tokenizer = load_tokenizer(teacher_name)
-    imp = measure_importance(teacher, calibration_batches(texts, tokenizer), _progress(show_progress))
+    imp = importance or measure_importance(teacher, calibration_batches(texts, tokenizer), _progress(show_progress))
     kept = choose_kept(imp, teacher_dims(teacher.config), dims)
     student, factor = prune_model(teacher, kept, dims)
     t = teacher_dims(teacher.config)

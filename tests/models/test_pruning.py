@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from distill.cli import student as student_command
@@ -19,7 +20,7 @@ from distill.models.calibration import builtin_texts, calibration_batches
 from distill.models.importance import Importance, measure_importance
 from distill.models.loading import count_parameters, load_causal_lm, load_tokenizer
 from distill.models.prune_targets import Dims, count_for, parse_params, teacher_dims
-from distill.models.pruning import choose_heads, choose_kept, choose_layers, make_pruned_student, prune_model
+from distill.models.pruning import choose_heads, choose_kept, choose_layers, make_pruned_student, measure_teacher, prune_model
 from distill.training.loop import train
 
 from helpers import read_metrics
@@ -241,6 +242,15 @@ def test_student_json_records_scores_and_kept_indices(teachers, tmp_path):
         neuron = scores["neurons"][layer]
         others = set(range(96)) - set(kept["neurons"][j])
         assert min(neuron[n] for n in kept["neurons"][j]) >= max(neuron[n] for n in others)
+
+
+def test_scores_measured_once_prune_like_scores_measured_inside(teachers, tmp_path):
+    teacher = str(teachers["llama"])
+    make_pruned_student(teacher, tmp_path / "inside", **SMALL, calibration_rows=5)
+    make_pruned_student(teacher, tmp_path / "given", **SMALL, calibration_rows=5, importance=measure_teacher(teacher, None, 5))
+    assert (tmp_path / "inside" / "student.json").read_text() == (tmp_path / "given" / "student.json").read_text()
+    a, b = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("inside", "given"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_params_target_picks_the_largest_student_that_fits(teachers, tmp_path):
