@@ -275,14 +275,14 @@ def main() -> None:
     ap.add_argument("--work", type=Path, required=True)
     ap.add_argument("--runs", nargs="+", default=["depth_width:recipe", "uniform:kd", "plain"],
                     help="INIT:OBJECTIVE pairs, and 'plain' for the plain loop")  # fmt: skip
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2])
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--baseline", default="plain", help="the run the paired differences are taken against")
     ap.add_argument("--recipe", type=Path, default=RECIPE, help="the recipe's config file (a variant, to screen it)")
     ap.add_argument("--tag", default="", help="appended to the recipe runs' names, e.g. @lr2e-3, for a variant")
     ap.add_argument("--train-text", choices=["reference", "reference+docstrings"], default="reference",
                     help="the training prose (the inits' calibration rows are the reference's either way)")  # fmt: skip
-    ap.add_argument("--score-inits", action="store_true", help="also score every init before training")
+    ap.add_argument("--score-inits", nargs="*", choices=sorted(INITS), help="also score these inits before training")
     args = ap.parse_args()
     for run in args.runs:
         init, _, objective = run.partition(":")
@@ -306,7 +306,7 @@ def main() -> None:
 
     if args.score_inits:
         print("\n| init | params | forward KL | top-1 agreement | perplexity |\n|---|---|---|---|---|")
-        for name in INITS:
+        for name in args.score_inits:
             model = AutoModelForCausalLM.from_pretrained(make_init(name, args.work, calibration), dtype=torch.float32).eval()
             s = heldout_scores(model, teacher, tokenizer, held)
             print(f"| {name} | {count_parameters(model) / 1e6:.1f}M | {s['kl']:.3f} | {100 * s['top1']:.1f}% | {s['ppl']:.1f} |")
