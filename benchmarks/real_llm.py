@@ -30,6 +30,7 @@ WORK/results.jsonl (a finished run is read back, not rerun); the tables print at
 """
 
 import argparse
+import functools
 import html.parser
 import json
 import math
@@ -118,11 +119,16 @@ def training_rows(work: Path, text: str = "reference") -> Path:
     return path
 
 
-_IMPORTANCE = []  # the teacher's scores on the calibration rows, measured once per process
+@functools.cache
+def teacher_importance(calibration: Path):
+    """The teacher's importance scores on the calibration rows, measured once per process."""
+    from distill.models.pruning import measure_teacher
+
+    return measure_teacher(SMOL, str(calibration), CALIBRATION_ROWS)
 
 
 def make_init(name: str, work: Path, train: Path) -> Path:
-    from distill.models.pruning import make_pruned_student, measure_teacher
+    from distill.models.pruning import make_pruned_student
     from distill.models.students import make_student
 
     out = work / "inits" / name
@@ -130,9 +136,7 @@ def make_init(name: str, work: Path, train: Path) -> Path:
         return out
     spec = dict(INITS[name])
     if spec.pop("prune", False):
-        if not _IMPORTANCE:
-            _IMPORTANCE.append(measure_teacher(SMOL, str(train), CALIBRATION_ROWS))
-        imp = _IMPORTANCE[0]
+        imp = teacher_importance(train)
         make_pruned_student(
             SMOL, out, calibration=str(train), calibration_rows=CALIBRATION_ROWS, show_progress=False, importance=imp, **spec
         )
