@@ -188,33 +188,51 @@ def plain_blocks(train: Path, tokenizer, seed: int, steps: int, batch: int, leng
     return blocks[order[: steps * batch]].view(steps, batch, length)
 
 
-def train_plain(student_dir: Path, train: Path, out: Path, seed: int, steps: int, teacher, tokenizer) -> float:
-    """Issue 17's plain PyTorch loop: full logits, forward KL at T 1, AdamW 2e-4 (fused),
-    weight decay 0.01, betas (0.9, 0.98), 20 warm-up steps then cosine to 10%, clip 1.0."""
-    from transformers import AutoModelForCausalLM
+def plain_step(student, teacher, opt, sched, ids: torch.Tensor, mark=lambda phase: None) -> float:
+    """One step of issue 17's plain PyTorch loop on `ids` (B, L): full logits, forward KL at
+    T 1, clip 1.0. `mark(phase)` is called as each phase ends (benchmarks/real_step.py times
+    them). Returns the loss."""
+    with torch.no_grad():
+        t_logp = F.log_softmax(teacher(ids).logits[:, :-1].float(), -1)
+    mark("teacher")
+    s_logits = student(ids).logits
+    mark("student")
+    s_logp = F.log_softmax(s_logits[:, :-1].float(), -1)
+    loss = (t_logp.exp() * (t_logp - s_logp)).sum(-1).mean()
+    mark("loss")
+    loss.backward()
+    mark("backward")
+    torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+    opt.step()
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+    mark("optimizer")
+    return loss.item()
 
-    torch.manual_seed(seed)
-    student = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32)
-    data = plain_blocks(train, tokenizer, seed, steps, 4, 256)
+
+def plain_optimizer(student, steps: int):
+    """AdamW 2e-4 (fused), weight decay 0.01, betas (0.9, 0.98); 20 warm-up steps, then cosine to 10%."""
     opt = torch.optim.AdamW(student.parameters(), lr=2e-4, betas=(0.9, 0.98), weight_decay=0.01, fused=True)
     warm = 20
 
     def lr_at(s: int) -> float:
         return (s + 1) / warm if s < warm else 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, steps - warm)))
 
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+
+
+def train_plain(student_dir: Path, train: Path, out: Path, seed: int, steps: int, teacher, tokenizer) -> float:
+    """Issue 17's plain loop (`plain_step`) for `steps` steps of 4 x 256-token blocks;
+    returns wall seconds per step."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    student = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32)
+    data = plain_blocks(train, tokenizer, seed, steps, 4, 256)
+    opt, sched = plain_optimizer(student, steps)
     start = time.perf_counter()
     for step in range(steps):
-        ids = data[step]
-        with torch.no_grad():
-            t_logp = F.log_softmax(teacher(ids).logits[:, :-1].float(), -1)
-        s_logp = F.log_softmax(student(ids).logits[:, :-1].float(), -1)
-        loss = (t_logp.exp() * (t_logp - s_logp)).sum(-1).mean()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
+        plain_step(student, teacher, opt, sched, data[step])
     per_step = (time.perf_counter() - start) / steps
     student.save_pretrained(out / "student")
     return per_step

@@ -54,7 +54,12 @@ class ModelConfig(Section):
     tokenizer: str | None = None
     """Tokenizer source; None means the model's own; 'builtin' is the built-in task's."""
     dtype: Literal["float32", "bfloat16"] = "float32"
-    """Weights dtype when loaded."""
+    """Weights dtype when loaded. A frozen teacher in bfloat16 is a copy of its weights made
+    once, with bf16 matmuls where the CPU (AVX-512 BF16, AMX) or GPU has them; its speed and
+    its effect on the loss are measured in benchmarks/real_step.py (docs/results.md). It
+    trades a little of one invariance: another batch layout (1 x 8 vs 8 x 1 micro-batches,
+    2 processes vs 1) rounds some teacher logits to another bf16 neighbour, so those runs
+    agree to about 1e-4 in the weights instead of 1e-5; resume stays exact."""
 
     @model_validator(mode="after")
     def _one_source(self):

@@ -194,10 +194,18 @@ class TrainConfig(Section):
     default multi-tensor one: about 4x faster optimizer steps on a 64M-parameter student on
     CPU. Results differ from the default in the last bits, which on unstable runs (the
     demo's KD student) can decide the outcome."""
+    freeze_embeddings: bool = False
+    """Keep the student's input embeddings and its lm_head (one matrix when tied) as they came,
+    untrained: with a student cut from its teacher they are the teacher's own, and the rest of
+    the student learns to feed them. No gradient and no optimizer state for them, and the
+    fused loss skips the lm_head's weight gradient (one of its three vocabulary-sized matmuls)."""
     max_grad_norm: float | None = Field(1.0, gt=0.0)
     """Gradient clipping norm (> 0); null turns clipping off."""
     precision: Literal["fp32", "bf16"] = "fp32"
-    """Autocast precision of the forward passes (weights and optimizer stay fp32)."""
+    """Autocast precision of the forward passes (weights and optimizer stay fp32). bf16 trades
+    one invariance: another batch layout (1 x 8 vs 8 x 1 micro-batches, 2 processes vs 1)
+    rounds differently, so those runs agree within bf16 rounding, not to 1e-5; a resumed run
+    still equals an uninterrupted one."""
     seed: int = Field(0, ge=0, le=2**32 - 1)
     """Seed of initialisation, data order and sampling (0 to 2**32 - 1)."""
     device: Literal["auto", "cpu"] = "auto"

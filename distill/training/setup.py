@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedType, set_seed
 
 from distill import seeds
@@ -86,12 +87,22 @@ def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
 def make_accelerator(cfg: RunConfig) -> Accelerator:
     # accelerate only sets up multi-process CPU (gloo) when told cpu=True.
     cpu = cfg.train.device == "cpu" or not torch.cuda.is_available()
+    # accelerate keeps one precision per process and refuses another; each run sets its own
+    # (the distributed state, PartialState, is kept).
+    AcceleratorState._reset_state()
     acc = Accelerator(cpu=cpu, mixed_precision="bf16" if cfg.train.precision == "bf16" else "no", **accelerator_settings(cfg))
     if cfg.features.weight > 0 and acc.distributed_type == DistributedType.FSDP:
         raise DistillError("features.weight > 0 runs on one process or DDP; FSDP does not shard the projectors yet")
     if cfg.on_policy.lmbda > 0 and acc.distributed_type == DistributedType.FSDP:
         raise DistillError("on_policy.lmbda > 0 runs on one process or DDP; rollouts from FSDP shards are not built yet")
     return acc
+
+
+def freeze_embeddings(model: torch.nn.Module) -> None:
+    """Take the input embeddings and the lm_head (tied or not) out of training."""
+    for module in (model.get_input_embeddings(), model.get_output_embeddings()):
+        if module is not None:
+            module.requires_grad_(False)
 
 
 def optimizer_and_schedule(cfg: RunConfig, params: list[torch.nn.Parameter]):
@@ -142,7 +153,9 @@ def setup(cfg: RunConfig, resume: bool) -> Run:
     cache = build_teacher_cache(cfg, tokenizer, examples, output_size(student))
     open_run_dir(acc, cfg, resume, examples)  # batch vs data, lock, fresh-run / resume checks, config.yaml
 
-    params = [*student.parameters(), *(projectors.parameters() if projectors is not None else [])]
+    if cfg.train.freeze_embeddings:
+        freeze_embeddings(student)
+    params = [p for m in (student, projectors) if m is not None for p in m.parameters() if p.requires_grad]
     optimizer, scheduler = optimizer_and_schedule(cfg, params)
     if projectors is not None:
         student, projectors, optimizer = acc.prepare(student, projectors, optimizer)

@@ -142,7 +142,9 @@ def use_fused_path(cfg: RunConfig, student, teacher_model, cache, examples, pad_
         return False
     sample = {k: v.to(device) for k, v in collate(examples[:2], pad_id).items()}
     models = [student] + ([teacher_model] if teacher_model is not None else [])
-    fused = all(head_matches_logits(m, **model_inputs(sample)) for m in models)
+    # Under the run's autocast, as in training: bf16 logits are then compared with bf16 logits.
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16"):
+        fused = all(head_matches_logits(m, **model_inputs(sample)) for m in models)
     if not fused and cfg.objective.fused:
         raise DistillError("objective.fused=true, but a model's logits are not a plain lm_head of its hidden states")
     return fused
