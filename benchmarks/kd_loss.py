@@ -119,6 +119,19 @@ def worker(spec: dict) -> dict:
             with torch.no_grad():
                 t = ht @ wt.T  # (N, V)
             divergence(name, s, t, mask, 1.0, **params).backward()
+    elif spec["impl"] == "liger":  # Liger-Kernel's fused linear JSD (benchmark-only peer; CUDA / Triton)
+        try:
+            from liger_kernel.transformers import LigerFusedLinearJSD
+        except ImportError:
+            return {"skipped": "liger-kernel not installed"}
+        if device != "cuda":
+            return {"skipped": "Liger's Triton kernels need CUDA"}
+        liger = LigerFusedLinearJSD(jsd_beta=params.get("beta", 0.5), temperature=1.0)
+        labels = torch.where(mask, 0, -100)  # (N,): only its ignore_index positions matter
+
+        def step() -> None:
+            hs.grad = ws.grad = None
+            liger(hs, ws, ht, wt, labels).backward()
     else:
 
         def step() -> None:

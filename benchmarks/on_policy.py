@@ -50,6 +50,15 @@ QWEN_15B = {  # Qwen2.5-1.5B's shape
 QWEN_05B = {  # Qwen2.5-0.5B's shape
     **QWEN_15B, "hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24, "num_attention_heads": 14,
 }
+# --tiny (gpu.sh --dry): the GPU setting's code path on CPU, at toy shapes
+TINY_T = {**QWEN_15B, "vocab_size": 512, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+          "num_attention_heads": 4, "num_key_value_heads": 2}  # fmt: skip
+TINY_S = {**TINY_T, "hidden_size": 32, "intermediate_size": 64}
+
+
+def random_shapes(args) -> tuple[dict, dict]:
+    """(teacher, student) configs of the random-init setting."""
+    return (TINY_T, TINY_S) if args.tiny else (QWEN_15B, QWEN_05B)
 
 
 def prose_prompts(tokenizer, n: int, prompt_tokens: int) -> list[dict]:
@@ -94,23 +103,23 @@ def prepare(work: Path, n_rows: int, prompt_tokens: int) -> dict:
     return {"student": str(student), "teacher": str(teacher), "prompts": str(prompts)}
 
 
-def prepare_gpu(work: Path, n_rows: int, prompt_tokens: int) -> dict:
+def prepare_gpu(work: Path, n_rows: int, prompt_tokens: int, vocab_size: int = QWEN_15B["vocab_size"]) -> dict:
     """A word-level tokenizer with all of Qwen2.5's 151936 ids (3 specials, then "t3" .. "t151935"), so the
     random-init Qwen shapes see their real vocabulary size, and prompts of random ids."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    folder, prompts = work / "qwen-vocab-tokenizer", work / f"prompts-random-{prompt_tokens}.jsonl"
+    folder, prompts = work / f"vocab-{vocab_size}-tokenizer", work / f"prompts-random-{prompt_tokens}.jsonl"
     if not (folder / "tokenizer.json").exists():
         specials = ["<unk>", "<eos>", "<pad>"]  # ids 0, 1, 2
-        vocab = {name: i for i, name in enumerate(specials)} | {f"t{i}": i for i in range(3, QWEN_15B["vocab_size"])}
+        vocab = {name: i for i, name in enumerate(specials)} | {f"t{i}": i for i in range(3, vocab_size)}
         core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
         core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
         PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", eos_token="<eos>", pad_token="<pad>").save_pretrained(folder)
     g = torch.Generator().manual_seed(0)
     rows = []
     for _ in range(n_rows):
-        ids = torch.randint(3, QWEN_15B["vocab_size"], (prompt_tokens + 8,), generator=g).tolist()
+        ids = torch.randint(3, vocab_size, (prompt_tokens + 8,), generator=g).tolist()
         rows.append({"prompt": " ".join(f"t{i}" for i in ids[:prompt_tokens]), "completion": " ".join(f"t{i}" for i in ids[prompt_tokens:])})
     prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return {"tokenizer": str(folder), "prompts": str(prompts)}
@@ -118,9 +127,11 @@ def prepare_gpu(work: Path, n_rows: int, prompt_tokens: int) -> dict:
 
 def ours_tree(args, paths: dict, out: Path) -> dict:
     steps = args.warmup + args.steps
-    if args.gpu:
-        student = {"config": QWEN_05B, "tokenizer": paths["tokenizer"], "dtype": "bfloat16"}
-        teacher = {"config": QWEN_15B, "tokenizer": paths["tokenizer"], "dtype": "bfloat16"}
+    if args.gpu or args.tiny:
+        t_config, s_config = random_shapes(args)
+        dtype = {"dtype": "bfloat16"} if args.gpu else {}
+        student = {"config": s_config, "tokenizer": paths["tokenizer"], **dtype}
+        teacher = {"config": t_config, "tokenizer": paths["tokenizer"], **dtype}
     else:
         student, teacher = {"name": paths["student"]}, {"name": SMOL}
     return {
@@ -171,9 +182,10 @@ def run_worker(cmd: list[str]) -> dict:
     return json.loads(lines[-1][len("RESULT ") :])
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--gpu", action="store_true")
+    ap.add_argument("--tiny", action="store_true", help="the --gpu setting's code path on CPU at toy shapes, no TRL (gpu.sh --dry)")
     ap.add_argument("--trl-python", default=None, help="a python with trl installed (benchmark-only)")
     ap.add_argument("--trl", nargs="*", default=["gkd", "gkd-gc", "distillation", "distillation-gc"],
                     help="TRL rows: gkd | gkd-gc | distillation | distillation-gc (-gc: gradient checkpointing)")
@@ -186,20 +198,21 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("runs/bench-on-policy"))
     ap.add_argument("--worker", choices=["ours"], help=argparse.SUPPRESS)
     ap.add_argument("--tree", help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    args.batch = args.batch or (8 if args.gpu else 4)
-    args.new_tokens = args.new_tokens or (256 if args.gpu else 64)
-    if args.worker:
-        print("RESULT " + json.dumps(run_ours(json.loads(args.tree), args.gpu, args.warmup)), flush=True)
-        return
+    return ap
 
+
+def measure(args) -> list[dict]:
+    """distill's row, then one per TRL trainer (with --trl-python), each in its own process."""
     args.work.mkdir(parents=True, exist_ok=True)
     n_rows = 64 * args.batch
-    paths = prepare_gpu(args.work, n_rows, 200) if args.gpu else prepare(args.work, n_rows, 48)
+    if args.gpu or args.tiny:
+        paths = prepare_gpu(args.work, n_rows, 16 if args.tiny else 200, random_shapes(args)[0]["vocab_size"])
+    else:
+        paths = prepare(args.work, n_rows, 48)
     tree = ours_tree(args, paths, args.work / "run-distill")
     rows = [run_worker([sys.executable, __file__, "--worker", "ours", "--tree", json.dumps(tree),
-                        "--warmup", str(args.warmup), *(["--gpu"] if args.gpu else [])])]
-    for name in args.trl if args.trl_python else []:
+                        "--warmup", str(args.warmup), *(["--gpu"] if args.gpu else [])])]  # fmt: skip
+    for name in args.trl if args.trl_python and not args.tiny else []:
         trainer, gc = name.removesuffix("-gc"), int(name.endswith("-gc"))
         cmd = [args.trl_python, str(HERE / "trl_baseline.py"), "--trainer", trainer, "--gradient-checkpointing", str(gc),
                "--batch", str(args.batch), "--max-new-tokens", str(args.new_tokens), "--beta", str(args.beta),
@@ -207,7 +220,17 @@ def main() -> None:
         cmd += ["--prompts", paths["prompts"]]
         cmd += ["--gpu", "--tokenizer", paths["tokenizer"]] if args.gpu else ["--teacher", paths["teacher"], "--student", paths["student"]]
         rows.append({"label": name, **run_worker(cmd)})
-    print_table(rows, args)
+    return rows
+
+
+def main() -> None:
+    args = parser().parse_args()
+    args.batch = args.batch or (8 if args.gpu else 4)
+    args.new_tokens = args.new_tokens or (256 if args.gpu else 64)
+    if args.worker:
+        print("RESULT " + json.dumps(run_ours(json.loads(args.tree), args.gpu, args.warmup)), flush=True)
+        return
+    print_table(measure(args), args)
 
 
 def print_table(rows: list[dict], args) -> None:

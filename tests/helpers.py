@@ -68,9 +68,11 @@ def assert_same_students(a_dir, b_dir, atol: float) -> None:
         torch.testing.assert_close(wb[k], wa[k], atol=atol, rtol=0)
 
 
-def train_in_two_processes(tree: dict, config_path, port: int) -> None:
+def train_in_two_processes(tree: dict, config_path, port: int, resume: bool = False, nodes: int = 1) -> None:
     """`distill train` of `tree` under torchrun: 2 gloo processes on this machine, one thread
-    each, no evaluation; a failure shows the end of their stderr."""
+    each, no evaluation; a failure shows the end of their stderr. resume: `--resume` the
+    run's folder. nodes=2: a two-node rehearsal, two torchrun launchers of one process each
+    meeting at a c10d rendezvous on localhost, as two machines would."""
     import os
     import subprocess
     import sys
@@ -78,11 +80,18 @@ def train_in_two_processes(tree: dict, config_path, port: int) -> None:
     import yaml
 
     Path(config_path).write_text(yaml.safe_dump(tree))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-           "-m", "distill", "train", str(config_path), "--no-eval"]  # fmt: skip
+    what = ["--resume", tree["out_dir"]] if resume else [str(config_path)]
+    if nodes == 1:
+        launch = ["--nproc_per_node", "2", "--master_port", str(port)]
+    else:
+        launch = ["--nnodes", "2", "--nproc_per_node", "1", "--rdzv_backend", "c10d",
+                  "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", f"rehearsal-{port}"]  # fmt: skip
+    cmd = [sys.executable, "-m", "torch.distributed.run", *launch, "-m", "distill", "train", *what, "--no-eval"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(nodes)]
+    for proc in procs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-3000:]
 
 
 def crash_at(monkeypatch, step: int, run) -> None:

@@ -206,6 +206,17 @@ class TrainConfig(Section):
     one invariance: another batch layout (1 x 8 vs 8 x 1 micro-batches, 2 processes vs 1)
     rounds differently, so those runs agree within bf16 rounding, not to 1e-5; a resumed run
     still equals an uninterrupted one."""
+    sharding: Literal["none", "fsdp"] = "none"
+    """How several processes hold the student. none: each holds all of it (DDP: gradients
+    all-reduced). fsdp: FSDP2 (torch's fully_shard): each decoder layer and the rest of the
+    student, and the feature projectors, split over the processes, so each holds 1/N of the
+    weights, gradients and optimizer state; every term, on-policy sampling and resume work
+    as with DDP (docs/guide/scale.md). Ignored with one process."""
+    teacher_sharding: Literal["replicate", "shard"] = "replicate"
+    """With sharding: fsdp, the frozen teacher. replicate: a whole copy in every process (no
+    communication in its forward). shard: its decoder layers split over the processes like the
+    student's, gathered layer by layer in each forward; its embeddings and lm_head stay
+    whole in every process. The memory arithmetic is in docs/guide/scale.md."""
     seed: int = Field(0, ge=0, le=2**32 - 1)
     """Seed of initialisation, data order and sampling (0 to 2**32 - 1)."""
     device: Literal["auto", "cpu"] = "auto"

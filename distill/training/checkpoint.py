@@ -38,6 +38,7 @@ from distill.paths import (
     read_json,
     temp_sibling,
 )
+from distill.training import sharding
 
 STATE_KEY = re.compile(r"^state\.(\d+)\.(.+)$")
 
@@ -58,7 +59,7 @@ def _unshared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def save_modules(acc, modules: list, folder) -> None:
     """Each module's full state dict as model.safetensors, model_1.safetensors, ..."""
     for i, module in enumerate(modules):
-        state = acc.get_state_dict(module)
+        state = sharding.full_state(acc, module)  # every process: a sharded module is gathered
         if acc.is_main_process:
             save_file(_unshared(state), str(folder / module_file(i)))
 
@@ -71,8 +72,12 @@ def load_modules(acc, modules: list, folder) -> None:
     for i, module in enumerate(modules):
         model = acc.unwrap_model(module)
         state = load_file(str(folder / module_file(i)))
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        tied = {k for k, v in model.state_dict().items() if k in missing and _is_tied(model, k)}
+        if sharding.is_sharded(model):
+            missing, unexpected = sharding.load_full_state(model, state)
+            tied = set()
+        else:
+            missing, unexpected = model.load_state_dict(state, strict=False)
+            tied = {k for k, v in model.state_dict().items() if k in missing and _is_tied(model, k)}
         if unexpected or set(missing) - tied:
             raise DistillError(
                 f"{folder / module_file(i)}: does not fit the model (missing {sorted(set(missing) - tied)[:3]}, "
@@ -87,10 +92,9 @@ def _is_tied(model, key: str) -> bool:
     return any(k != key and v.untyped_storage().data_ptr() == ptr for k, v in state.items())
 
 
-def save_optimizer(optimizer, folder) -> None:
-    """state -> safetensors (`state.<param index>.<name>`); non-tensor state values and
-    param_groups -> JSON."""
-    sd = optimizer.state_dict()
+def save_optimizer(sd: dict, folder) -> None:
+    """An optimizer's state dict (`sharding.optimizer_state`, sharded tensors whole): state ->
+    safetensors (`state.<param index>.<name>`); non-tensor state values and param_groups -> JSON."""
     tensors, scalars = {}, {}
     for idx, entry in sd["state"].items():
         for name, value in entry.items():
@@ -115,7 +119,7 @@ def load_optimizer(optimizer, folder) -> None:
         idx, name = key.split(".", 1)
         state.setdefault(int(idx), {})[name] = value
     groups = [{k: tuple(v) if k == "betas" else v for k, v in g.items()} for g in meta["param_groups"]]
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
+    optimizer.load_state_dict({"state": sharding.shard_optimizer_state(optimizer, state), "param_groups": groups})
 
 
 def save_scheduler(scheduler, folder) -> None:
@@ -157,8 +161,9 @@ def load_rng(folder, rank: int) -> None:
 def save_training_state(acc, modules: list, optimizer, scheduler, folder) -> None:
     """Everything a resume needs, into `folder` (which exists)."""
     save_modules(acc, modules, folder)
+    optimizer_sd = sharding.optimizer_state(optimizer)  # every process: sharded state is gathered
     if acc.is_main_process:
-        save_optimizer(optimizer, folder)
+        save_optimizer(optimizer_sd, folder)
         save_scheduler(scheduler, folder)
     save_rng(folder, acc.process_index)
 
@@ -286,9 +291,12 @@ def trim_log(path: Path, last_step: int) -> None:
 
 def export_student(acc, model, tokenizer, run_dir: Path) -> None:
     """save_pretrained into RUN/student, so plain transformers reloads it."""
-    state = acc.get_state_dict(model)
+    state = sharding.full_state(acc, model)  # every process: a sharded student is gathered
     if acc.is_main_process:
         with atomic_folder(Path(run_dir) / rundir.STUDENT) as tmp:
-            acc.unwrap_model(model).save_pretrained(tmp, state_dict=state)
+            plain = acc.unwrap_model(model)
+            plain.save_pretrained(tmp, state_dict=state)
+            if sharding.is_sharded(plain):  # config.json names the FSDP subclass: the model's own class
+                sharding.name_plain_class(tmp / "config.json", plain)
             tokenizer.save_pretrained(tmp)
     acc.wait_for_everyone()

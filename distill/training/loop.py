@@ -26,6 +26,7 @@ from distill.training.checkpoint import checkpoint_state, export_student, save_c
 from distill.training.features import export_projectors
 from distill.training.resume import release_run_dir
 from distill.training.setup import Run, setup
+from distill.training.sharding import full_state, is_sharded
 from distill.training.step import train_step
 from distill.training.trackers import end_trackers, log_metrics, start_trackers
 
@@ -123,7 +124,7 @@ def finish(run: Run, tokens: int, wall: float, alignment: dict | None, before: d
     acc.wait_for_everyone()
     projectors = acc.unwrap_model(run.projectors) if run.projectors is not None else None
     if projectors is not None:
-        state = acc.get_state_dict(run.projectors)
+        state = full_state(acc, run.projectors)  # every process: sharded projectors are gathered
         if acc.is_main_process:
             export_projectors(projectors, state, run.run_dir)
     all_tokens, all_wall = before["tokens"] + tokens, before["seconds"] + before["teacher_s"] + wall
@@ -136,6 +137,7 @@ def finish(run: Run, tokens: int, wall: float, alignment: dict | None, before: d
         "tokens_per_s": all_tokens / all_wall if all_wall > 0 else 0.0,
         "segment": {"tokens": tokens, "wall_s": wall},
         "processes": acc.num_processes,
+        "sharded": {"student": is_sharded(run.student), "teacher": is_sharded(run.teacher.model)},
         "fused_loss": run.teacher.fused,
         "teacher": run.teacher.kind,
         "feature_pairs": len(projectors.pairs) if projectors is not None else 0,

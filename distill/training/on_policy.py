@@ -5,7 +5,8 @@ At each optimizer step one draw from (seed, step) decides, with probability lmbd
 the step's prompts get student-sampled completions; every process computes the same draw,
 so all ranks take the same kind of step without talking. Each process samples the
 completions of all its micro-batches in one rollout (not one per micro-batch), with the
-weights of the start of the step, then splits them back into micro-batches. The prompt
+weights of the start of the step, then splits them back into micro-batches. A sharded student (train.sharding: fsdp) is
+gathered whole in each process for the rollout, so each process samples on its own. The prompt
 stays masked out of the loss; the completion (and EOS when sampled) is what the teacher
 and student are compared on. A chat row's prompt is its conversation up to the last
 assistant turn: the student writes that turn (earlier assistant turns are context).
@@ -20,6 +21,7 @@ from distill.data.rows import Example
 from distill.errors import DistillError
 from distill.loss.token_losses import IGNORE_INDEX
 from distill.training.rollout import Rollout, Sampling, rollout
+from distill.training.sharding import gathered
 
 
 def sampling_of(cfg: OnPolicyConfig) -> Sampling:
@@ -90,10 +92,11 @@ def sample_examples(
     was_training = model.training
     model.eval()
     try:
-        parts = [
-            rollout(model, prompts[j : j + size], sampling_of(cfg), eos_id, pad_id, seeds[j : j + size])
-            for j in range(0, len(prompts), size)
-        ]
+        with gathered(model):  # a sharded student: whole in each process while it samples
+            parts = [
+                rollout(model, prompts[j : j + size], sampling_of(cfg), eos_id, pad_id, seeds[j : j + size])
+                for j in range(0, len(prompts), size)
+            ]
     finally:
         model.train(was_training)
     done = Rollout([c for p in parts for c in p.completions], [e for p in parts for e in p.ended])

@@ -32,6 +32,7 @@ from distill.training.features import build_projectors, kept_layers, layer_pairs
 from distill.training.objective import LossTerm, build_extra_terms
 from distill.training.on_policy import check_prompts
 from distill.training.resume import open_run_dir, resume_from
+from distill.training.sharding import shard
 from distill.training.teachers import Teacher, build_teacher_source, use_fused_path
 from distill.training.trackers import accelerator_settings
 
@@ -43,7 +44,7 @@ class Run:
     cfg: RunConfig
     acc: Accelerator
     run_dir: Path
-    student: torch.nn.Module  # prepared (DDP/FSDP-wrapped where launched so)
+    student: torch.nn.Module  # prepared (DDP-wrapped or FSDP-sharded where launched so)
     tokenizer: object
     teacher: Teacher
     source: BatchSource
@@ -91,10 +92,11 @@ def make_accelerator(cfg: RunConfig) -> Accelerator:
     # (the distributed state, PartialState, is kept).
     AcceleratorState._reset_state()
     acc = Accelerator(cpu=cpu, mixed_precision="bf16" if cfg.train.precision == "bf16" else "no", **accelerator_settings(cfg))
-    if cfg.features.weight > 0 and acc.distributed_type == DistributedType.FSDP:
-        raise DistillError("features.weight > 0 runs on one process or DDP; FSDP does not shard the projectors yet")
-    if cfg.on_policy.lmbda > 0 and acc.distributed_type == DistributedType.FSDP:
-        raise DistillError("on_policy.lmbda > 0 runs on one process or DDP; rollouts from FSDP shards are not built yet")
+    if acc.distributed_type == DistributedType.FSDP:
+        raise DistillError(
+            "launched with accelerate's FSDP plugin; distill shards by itself: set train.sharding: fsdp and launch "
+            "with torchrun or accelerate launch without an FSDP config"
+        )
     return acc
 
 
@@ -155,15 +157,24 @@ def setup(cfg: RunConfig, resume: bool) -> Run:
 
     if cfg.train.freeze_embeddings:
         freeze_embeddings(student)
+    fsdp = cfg.train.sharding == "fsdp" and acc.num_processes > 1
+    if fsdp:  # before the optimizer: sharding replaces the parameters
+        shard(student, acc.device, acc.num_processes)
+        if projectors is not None:
+            shard(projectors, acc.device, acc.num_processes, units="whole")
     params = [p for m in (student, projectors) if m is not None for p in m.parameters() if p.requires_grad]
     optimizer, scheduler = optimizer_and_schedule(cfg, params)
-    if projectors is not None:
+    if fsdp:
+        optimizer = acc.prepare(optimizer)
+    elif projectors is not None:
         student, projectors, optimizer = acc.prepare(student, projectors, optimizer)
     else:
         student, optimizer = acc.prepare(student, optimizer)
     trained = [student] + ([projectors] if projectors is not None else [])
     if teacher_model is not None:
         teacher_model.to(acc.device)
+        if fsdp and cfg.train.teacher_sharding == "shard":
+            shard(teacher_model, acc.device, acc.num_processes)
     start, last = resume_from(acc, run_dir, trained, optimizer, scheduler) if resume else (0, None)
 
     plain_student = acc.unwrap_model(student)

@@ -3,7 +3,7 @@ the global count of valid tokens.
 
 The global batch of step s is the same examples whatever the process count
 (`distill.data.rows.global_batch_indices`); rank r takes micro-batches r, r + world, ...
-DDP averages gradients over processes, so each micro-batch's loss is scaled by
+DDP and FSDP average gradients over processes, so each micro-batch's loss is scaled by
 world / global valid tokens: 1 process x 8 micro-batches, 8 x 1 and 2 x 4 take one step.
 """
 
@@ -17,6 +17,7 @@ from distill.data.rationale import TASK_NAMES
 from distill.data.rows import collate, global_batch_indices, micro_batches
 from distill.errors import DistillError
 from distill.loss.token_losses import IGNORE_INDEX
+from distill.training import sharding
 from distill.training.batch_sources import StepExamples
 from distill.training.objective import micro_batch_objective
 from distill.training.setup import Run, timer
@@ -52,7 +53,7 @@ def accumulate(run: Run, batches, n_task: list[float], weights, drop_task_ce: bo
         last = i == len(batches) - 1
         with contextlib.ExitStack() as stack:
             for model in run.trained if not last else []:
-                stack.enter_context(acc.no_sync(model))
+                stack.enter_context(sharding.gradient_sync_off(acc, model))
             with acc.autocast():
                 t1 = time.perf_counter()
                 t_out = run.teacher.forward(batch)
@@ -94,7 +95,7 @@ def update(run: Run, step: int, loss: float) -> tuple[float, float | None]:
         raise DistillError(f"loss became {loss} at step {step + 1}; stopped before updating ({where})")
     grad_norm = None
     if t.max_grad_norm is not None:
-        grad_norm = run.acc.clip_grad_norm_([p for m in run.trained for p in m.parameters()], t.max_grad_norm).item()
+        grad_norm = sharding.clip_grad_norm(run.acc, [p for m in run.trained for p in m.parameters()], t.max_grad_norm)
     lr = run.scheduler.get_last_lr()[0]
     run.optimizer.step()
     run.scheduler.step()

@@ -2,20 +2,17 @@
 
 import copy
 import json
-import types
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from accelerate.utils import DistributedType
 from safetensors.torch import load_file
 from torch import nn
 
-import distill.training.setup as setup_mod
 from distill.config import FeatureConfig, ObjectiveConfig, build_config
 from distill.data.tasks.tokenizer import chain_tokenizer
-from distill.errors import ConfigError, DistillError
+from distill.errors import ConfigError
 from distill.loss.divergences import divergence
 from distill.loss.terms import combine
 from distill.loss.token_losses import cross_entropy, feature_loss
@@ -223,15 +220,6 @@ def test_first_token_is_left_out_of_the_feature_term_unless_asked(tiny_tree, tmp
         runs[skip] = read_metrics(tree["out_dir"])[0]
     assert runs[True]["task_ce"] == runs[False]["task_ce"]  # the same batch and models
     assert runs[True]["feature"] != pytest.approx(runs[False]["feature"], rel=1e-3)
-
-
-def test_feature_term_under_fsdp_stops_with_a_clear_error(tiny_tree, monkeypatch):
-    # make this one-process run look like FSDP to the guard
-    monkeypatch.setattr(setup_mod, "DistributedType", types.SimpleNamespace(FSDP=DistributedType.NO))
-    tiny_tree["features"] = {"weight": 1.0}
-    with pytest.raises(DistillError, match="FSDP does not shard the projectors yet"):
-        train(build_config(tiny_tree), show_progress=False)
-    assert not Path(tiny_tree["out_dir"]).exists()
 
 
 def test_kept_map_pairs_a_layer_drop_student_with_its_source_layers(tiny_tree, tmp_path):
