@@ -42,25 +42,33 @@ def _assert_same_runs(one_dir, two_dir, atol: float = 1e-5) -> None:
     for x, y in zip(m1, m2):
         assert y["valid_tokens"] == x["valid_tokens"]
         assert y.get("on_policy") == x.get("on_policy") and y.get("generated_tokens") == x.get("generated_tokens")
-        for k in ("loss", "task_ce", "kd", "feature", "grad_norm"):
+        for k in ("loss", "task_ce", "kd", "feature", "rationale_task_ce", "grad_norm"):
             if k in x:
                 assert y[k] == pytest.approx(x[k], abs=atol, rel=atol), k
     assert_same_students(one_dir, two_dir, atol=atol)
 
 
+CASES = {  # name: (run config sections, teacher_sharding)
+    "logit KD": ({}, "replicate"),
+    "feature term": ({"features": {"weight": 0.5}}, "shard"),
+    "on-policy": ({"on_policy": {"lmbda": 0.5, "max_new_tokens": 12}}, "shard"),
+    "frozen embeddings": ({"train": {"freeze_embeddings": True}}, "shard"),  # a root unit of frozen and trained weights
+    "multitask rationales": ({"rationale": {"mode": "multitask", "weight": 0.7}}, "replicate"),
+    "quantization-aware": ({"quant": {"scheme": "int4", "group_size": 16}}, "replicate"),
+}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    ("feature_weight", "lmbda", "teacher_sharding", "frozen"),
-    [(0.0, 0.0, "replicate", False), (0.5, 0.0, "shard", False), (0.0, 0.5, "shard", False), (0.0, 0.0, "shard", True)],
-)
-def test_fsdp_over_two_processes_matches_one(tiny_tree, tmp_path, feature_weight, lmbda, teacher_sharding, frozen):
-    """Frozen: train.freeze_embeddings, a root unit of frozen and trained parameters."""
-    tiny_tree["features"] = {"weight": feature_weight}
-    tiny_tree["on_policy"] = {"lmbda": lmbda, "max_new_tokens": 12}
-    tiny_tree["train"]["freeze_embeddings"] = frozen
+@pytest.mark.parametrize("case", list(CASES))
+def test_fsdp_over_two_processes_matches_one(tiny_tree, tmp_path, case):
+    sections, teacher_sharding = CASES[case]
+    for name, values in sections.items():
+        tiny_tree[name] = {**tiny_tree.get(name, {}), **values}
+    feature_weight = tiny_tree.get("features", {}).get("weight", 0.0)
+    lmbda = tiny_tree.get("on_policy", {}).get("lmbda", 0.0)
     one, two = _layouts(tiny_tree, tmp_path, teacher_sharding=teacher_sharding)
     train(build_config(one), show_progress=False)
-    port = 29621 + int(feature_weight * 10) + int(lmbda * 100) + 3 * frozen
+    port = 29621 + 2 * list(CASES).index(case)
     train_in_two_processes(two, tmp_path / "two.yaml", port)
     assert _summary(two["out_dir"])["sharded"] == {"student": True, "teacher": teacher_sharding == "shard"}
     assert _summary(one["out_dir"])["sharded"] == {"student": False, "teacher": False}
