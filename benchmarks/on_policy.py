@@ -174,7 +174,7 @@ def run_ours(tree: dict, gpu: bool, warmup: int) -> dict:
 
 
 def run_worker(cmd: list[str]) -> dict:
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
@@ -186,6 +186,8 @@ def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--gpu", action="store_true")
     ap.add_argument("--tiny", action="store_true", help="the --gpu setting's code path on CPU at toy shapes, no TRL (gpu.sh --dry)")
+    ap.add_argument("--sample-dtypes", nargs="+", default=["float32"], choices=["float32", "bfloat16"],
+                    help="one distill row per on_policy.sample_dtype (bfloat16: rollouts from a bf16 copy of the student)")
     ap.add_argument("--trl-python", default=None, help="a python with trl installed (benchmark-only)")
     ap.add_argument("--trl", nargs="*", default=["gkd", "gkd-gc", "distillation", "distillation-gc"],
                     help="TRL rows: gkd | gkd-gc | distillation | distillation-gc (-gc: gradient checkpointing)")
@@ -209,9 +211,13 @@ def measure(args) -> list[dict]:
         paths = prepare_gpu(args.work, n_rows, 16 if args.tiny else 200, random_shapes(args)[0]["vocab_size"])
     else:
         paths = prepare(args.work, n_rows, 48)
-    tree = ours_tree(args, paths, args.work / "run-distill")
-    rows = [run_worker([sys.executable, __file__, "--worker", "ours", "--tree", json.dumps(tree),
-                        "--warmup", str(args.warmup), *(["--gpu"] if args.gpu else [])])]  # fmt: skip
+    rows = []
+    for dtype in args.sample_dtypes:
+        tree = ours_tree(args, paths, args.work / f"run-distill-{dtype}")
+        tree["on_policy"]["sample_dtype"] = dtype
+        row = run_worker([sys.executable, __file__, "--worker", "ours", "--tree", json.dumps(tree),
+                          "--warmup", str(args.warmup), *(["--gpu"] if args.gpu else [])])  # fmt: skip
+        rows.append({**row, "label": "distill" if dtype == "float32" else "distill, bf16 sampling"})
     for name in args.trl if args.trl_python and not args.tiny else []:
         trainer, gc = name.removesuffix("-gc"), int(name.endswith("-gc"))
         cmd = [args.trl_python, str(HERE / "trl_baseline.py"), "--trainer", trainer, "--gradient-checkpointing", str(gc),
@@ -240,7 +246,6 @@ def print_table(rows: list[dict], args) -> None:
           f"lmbda 1, JSD beta {args.beta}; median of {args.steps} steps after {args.warmup} warmup\n")
     head = f"{'trainer':<22} {'s/step':>7} {'samples/s':>9} {'gen tok/s':>9} {'peak RSS':>9} {'peak GPU':>9}   rollout / scoring / update"
     print(head + "\n" + "-" * len(head))
-    base = None
     for r in rows:
         label = r.get("label", r.get("trainer", "?"))
         if "error" in r:
@@ -254,12 +259,12 @@ def print_table(rows: list[dict], args) -> None:
         tok_s = r["gen_tokens_per_step"] / r["s_per_step"]
         print(f"{label:<22} {r['s_per_step']:>7.2f} {r['samples_per_s']:>9.3f} {tok_s:>9.1f} "
               f"{r['peak_rss_gib']:>5.2f} GiB {gpu:>9}   {share}")
-        if r.get("trainer") == "distill":
-            base = r
-    for r in rows:
-        if base is not None and r is not base and "error" not in r:
-            print(f"distill vs {r['label']}: {base['samples_per_s'] / r['samples_per_s']:.2f}x samples/s, "
-                  f"peak RSS {base['peak_rss_gib'] / r['peak_rss_gib']:.2f}x")
+    ours = [r for r in rows if r.get("trainer") == "distill"]
+    for base in ours:
+        for r in rows:
+            if r.get("trainer") != "distill" and "error" not in r:
+                print(f"{base['label']} vs {r['label']}: {base['samples_per_s'] / r['samples_per_s']:.2f}x samples/s, "
+                      f"peak RSS {base['peak_rss_gib'] / r['peak_rss_gib']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -319,6 +319,14 @@ class OnPolicyConfig(Section):
     """Nucleus sampling: the smallest set of tokens with this much mass; 1: no filter."""
     rollout_batch_size: int | None = Field(None, ge=1)
     """Prompts sampled at once; null: all of this process's prompts of the step together."""
+    sample_dtype: Literal["float32", "bfloat16"] = "float32"
+    """The weights the rollouts read. float32: the student's own. bfloat16: a bf16 copy of
+    them, refreshed before each rollout (half the bytes read per decoded token; one more
+    student in bf16 in memory). The samples then come from a slightly different policy
+    than the one trained (docs/guide/on-policy.md has the measured difference); runs stay
+    deterministic and resume exactly, and 2 processes equal 1 only within bf16 rounding
+    (a row's draws can differ where another batch shape rounds differently). Not with
+    train.sharding: fsdp."""
 
 
 class RationaleConfig(Section):

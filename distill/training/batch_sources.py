@@ -18,7 +18,7 @@ import torch
 
 from distill.config import RunConfig
 from distill.data.rows import Example
-from distill.training.on_policy import is_on_policy_step, sample_examples
+from distill.training.on_policy import Sampler, is_on_policy_step, sample_examples
 
 
 @dataclass
@@ -52,6 +52,7 @@ class OnPolicySource:
         self.timer = timer  # seconds since a start, after the device's queued work
         t = cfg.train
         self.global_batch = t.micro_batch_size * t.grad_accum * acc.num_processes  # prompts per step, all processes
+        self.sampler = Sampler(cfg.on_policy.sample_dtype)
 
     def step_examples(self, step: int, indices: list[int]) -> StepExamples:
         t0, seed = time.perf_counter(), self.cfg.train.seed
@@ -60,7 +61,7 @@ class OnPolicySource:
         acc, tok = self.acc, self.tokenizer
         with acc.autocast():
             sampled, done = sample_examples(
-                acc.unwrap_model(self.student), self.dataset.task_examples[0], indices, self.cfg.on_policy,
+                self.sampler(acc.unwrap_model(self.student)), self.dataset.task_examples[0], indices, self.cfg.on_policy,
                 tok.eos_token_id, tok.pad_token_id, seed, step,
             )
         counts = acc.reduce(torch.tensor([done.generated_tokens, sum(done.ended)], device=acc.device), "sum")

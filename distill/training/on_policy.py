@@ -12,6 +12,8 @@ and student are compared on. A chat row's prompt is its conversation up to the l
 assistant turn: the student writes that turn (earlier assistant turns are context).
 """
 
+import copy
+
 import torch
 
 from distill import seeds
@@ -69,6 +71,29 @@ def check_prompts(examples: list[Example], max_new_tokens: int, max_length: int)
                 f"on_policy: training row {i + 1} has a {n}-token prompt; with on_policy.max_new_tokens={max_new_tokens} "
                 f"it can exceed data.max_length={max_length}"
             )
+
+
+class Sampler:
+    """The model rollouts run on: the student itself (on_policy.sample_dtype float32), or a
+    bf16 copy of its weights, made once and refreshed from the student before each rollout.
+    Only parameters are cast: buffers (rotary frequencies) stay as the student has them."""
+
+    def __init__(self, dtype: str):
+        self.dtype, self.copy = dtype, None
+
+    @torch.no_grad()
+    def __call__(self, model):
+        if self.dtype == "float32":
+            return model
+        if self.copy is None:
+            self.copy = copy.deepcopy(model).eval()
+            for p in self.copy.parameters():
+                p.requires_grad_(False)
+                p.data = p.data.to(torch.bfloat16)
+        else:
+            for mine, theirs in zip(self.copy.parameters(), model.parameters(), strict=True):
+                mine.copy_(theirs)
+        return self.copy
 
 
 def sampled_turn(messages):

@@ -97,6 +97,9 @@ def make_accelerator(cfg: RunConfig) -> Accelerator:
             "launched with accelerate's FSDP plugin; distill shards by itself: set train.sharding: fsdp and launch "
             "with torchrun or accelerate launch without an FSDP config"
         )
+    fsdp = cfg.train.sharding == "fsdp" and acc.num_processes > 1
+    if fsdp and cfg.on_policy.lmbda > 0 and cfg.on_policy.sample_dtype != "float32":
+        raise DistillError("on_policy.sample_dtype: bfloat16 is not built for train.sharding: fsdp; use float32 there")
     return acc
 
 

@@ -16,7 +16,7 @@ from distill.loss.terms import fused_term_sums, term_sums
 from distill.loss.token_losses import IGNORE_INDEX
 from distill.models.build import build_models
 from distill.training.loop import train
-from distill.training.on_policy import is_on_policy_step, prompt_length, sample_examples
+from distill.training.on_policy import Sampler, is_on_policy_step, prompt_length, sample_examples
 
 from helpers import crash_at, read_metrics, student_weights
 
@@ -118,8 +118,10 @@ def test_prompt_tokens_get_no_loss(tiny_tree, fused):
     assert (grad[predicts_completion] > 0).all()
 
 
-def test_on_policy_resume_equals_uninterrupted(tiny_tree, tmp_path, monkeypatch):
-    tree = _on_policy(tiny_tree, temperature=1.0)
+@pytest.mark.parametrize("sample_dtype", ["float32", "bfloat16"])
+def test_on_policy_resume_equals_uninterrupted(tiny_tree, tmp_path, monkeypatch, sample_dtype):
+    """The bf16 sampling copy too: it is rebuilt from the restored weights on resume."""
+    tree = _on_policy(tiny_tree, temperature=1.0, sample_dtype=sample_dtype)
     tree["on_policy"]["lmbda"] = 0.5
     tree["train"].update(steps=6, checkpoint_every=3)
     full, cut = copy.deepcopy(tree), copy.deepcopy(tree)
@@ -173,3 +175,43 @@ def test_sampling_settings_reach_the_rollout():
     cfg = OnPolicyConfig(lmbda=1.0, max_new_tokens=7, temperature=0.3, top_k=5, top_p=0.8, min_new_tokens=2)
     s = on_policy_mod.sampling_of(cfg)
     assert (s.max_new_tokens, s.temperature, s.top_k, s.top_p, s.min_new_tokens) == (7, 0.3, 5, 0.8, 2)
+
+
+def test_bf16_sampler_is_a_refreshed_bf16_copy(tiny_tree):
+    """float32: the student itself. bfloat16: a copy whose parameters are bf16 (buffers as
+    they were), tied weights still tied, refreshed from the student on every call, the
+    student untouched; its next-token distribution stays close to the student's."""
+    student = build_models(build_config(tiny_tree))[0].eval()
+    assert Sampler("float32")(student) is student
+    sampler = Sampler("bfloat16")
+    copy_ = sampler(student)
+    assert copy_ is not student and all(p.dtype == torch.bfloat16 for p in copy_.parameters())
+    assert all(p.dtype == torch.float32 for p in student.parameters())
+    assert {b.dtype for b in copy_.buffers()} == {b.dtype for b in student.buffers()}
+    assert copy_.lm_head.weight is copy_.model.embed_tokens.weight
+    with torch.no_grad():
+        student.lm_head.weight.add_(0.5)
+    again = sampler(student)
+    assert again is copy_
+    torch.testing.assert_close(again.lm_head.weight.float(), student.lm_head.weight, atol=2e-2, rtol=1e-2)
+    ids = torch.randint(0, student.config.vocab_size, (4, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        p = student(ids).logits.log_softmax(-1)
+        q = again(ids).logits.float().log_softmax(-1)
+    kl = (p.exp() * (p - q)).sum(-1).mean()
+    assert 0 < kl < 1e-3
+
+
+def test_bf16_sampling_keeps_1x8_equal_to_8x1(tiny_tree, tmp_path):
+    """All of a process's prompts are sampled at once whatever the micro-batching, so the
+    bf16 copy sees the same batch in both layouts."""
+    runs = []
+    for name, (mb, accum) in {"a": (1, 8), "b": (8, 1)}.items():
+        tree = _on_policy(tiny_tree, temperature=1.0, sample_dtype="bfloat16")
+        tree["out_dir"] = str(tmp_path / name)
+        tree["train"].update(micro_batch_size=mb, grad_accum=accum)
+        train(build_config(tree), show_progress=False)
+        runs.append(read_metrics(tree["out_dir"]))
+    for x, y in zip(*runs):
+        assert x["generated_tokens"] == y["generated_tokens"]
+        assert x["loss"] == pytest.approx(y["loss"], abs=1e-5, rel=0)
