@@ -49,7 +49,8 @@ def main() -> None:
     times = {name: [] for name in samplers}
     samples = {name: [] for name in samplers}
     for b in range(args.batches + 1):  # batch 0: warm-up, untimed
-        batch, seeds = prompts[4 * b : 4 * b + 4], [1000 + 4 * b + i for i in range(4)]
+        batch = prompts[4 * b : 4 * b + 4]
+        seeds = [1000 + 4 * b + i for i in range(len(batch))]
         for name, sampler in samplers.items():
             t0 = time.perf_counter()
             model = sampler(student)  # the bf16 copy is refreshed here, as in training

@@ -46,6 +46,7 @@ def worker(args) -> None:
     layer = max(sum(p.numel() for p in m.parameters()) for m in decoder_layers(model))
     texts = [t for t in (" ".join(v.split()) for v in topics.values()) if len(t) > 400]
     prompts = [tok(texts[rank * args.prompts + i]).input_ids[:32] for i in range(args.prompts)]
+    n_layers = len(decoder_layers(model))  # before sharding renames their classes
     if args.mode != "plain":
         shard(model, torch.device("cpu"), world)
     sampling = Sampling(args.new_tokens, 1.0, 0, 1.0, args.new_tokens)  # EOS masked to the end
@@ -64,7 +65,7 @@ def worker(args) -> None:
         t0 = time.perf_counter()
         out = once()
         times.append(time.perf_counter() - t0)
-    layers = layer * len(decoder_layers(model))  # the root unit (embeddings, norm, head) stays gathered
+    layers = layer * n_layers  # the root unit (embeddings, norm, head) stays gathered
     held = {"plain": total, "gathered": total, "sharded": (total - layers) + layers // world + layer}
     result = {"s": statistics.median(times), "completions": out.completions, "held_bytes": 4 * held[args.mode]}
     gathered_results = [None] * world
