@@ -42,8 +42,20 @@ def train(
         raise ConfigError("give a run config YAML, or --resume RUN_DIR")
     else:
         cfg = load_config(config, overrides or [])
-    result = run_training(cfg, resume=resume is not None, evaluate=not no_eval)
+    try:
+        result = run_training(cfg, resume=resume is not None, evaluate=not no_eval)
+    finally:
+        end_process_group()
     typer.echo(json.dumps(result, indent=2))
+
+
+def end_process_group() -> None:
+    """Under torchrun: take the process group down before the process exits (left to
+    interpreter exit, a gloo process sometimes aborted there after a finished run)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 @app.command("eval")
