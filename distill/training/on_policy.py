@@ -5,9 +5,9 @@ At each optimizer step one draw from (seed, step) decides, with probability lmbd
 the step's prompts get student-sampled completions; every process computes the same draw,
 so all ranks take the same kind of step without talking. Each process samples the
 completions of all its micro-batches in one rollout (not one per micro-batch), with the
-weights of the start of the step, then splits them back into micro-batches. A sharded student (train.sharding: fsdp) is
-gathered whole in each process for the rollout, so each process samples on its own. The prompt
-stays masked out of the loss; the completion (and EOS when sampled) is what the teacher
+weights of the start of the step, then splits them back into micro-batches. A sharded
+student (train.sharding: fsdp) is gathered whole in each process for the rollout, so each
+process samples on its own. The prompt stays masked out of the loss; the completion (and EOS when sampled) is what the teacher
 and student are compared on. A chat row's prompt is its conversation up to the last
 assistant turn: the student writes that turn (earlier assistant turns are context).
 """

@@ -7,8 +7,8 @@ a resume that continues the run its config.yaml describes from its newest intact
     resume_from(acc, run_dir, trained, ...)    restore the newest intact checkpoint
 
 A resume may change only the extension keys (`EXTENSION_KEYS`: how long the run goes, how
-often it checkpoints and probes, how the processes hold the models, its evaluation and gates); any other key that differs
-from the run's config.yaml (models, data, objective, batch layout, seeds, optimizer) is
+often it checkpoints and probes, how the processes hold the models, its evaluation and
+gates); any other key that differs from the run's config.yaml (models, data, objective, batch layout, seeds, optimizer) is
 refused, naming the keys, since the run's record would otherwise describe a run that never
 happened.
 """

@@ -32,7 +32,7 @@ from distill.training.features import build_projectors, kept_layers, layer_pairs
 from distill.training.objective import LossTerm, build_extra_terms
 from distill.training.on_policy import check_prompts
 from distill.training.resume import open_run_dir, resume_from
-from distill.training.sharding import shard
+from distill.training.sharding import shard, wanted
 from distill.training.teachers import Teacher, build_teacher_source, use_fused_path
 from distill.training.trackers import accelerator_settings
 
@@ -97,8 +97,7 @@ def make_accelerator(cfg: RunConfig) -> Accelerator:
             "launched with accelerate's FSDP plugin; distill shards by itself: set train.sharding: fsdp and launch "
             "with torchrun or accelerate launch without an FSDP config"
         )
-    fsdp = cfg.train.sharding == "fsdp" and acc.num_processes > 1
-    if fsdp and cfg.on_policy.lmbda > 0 and cfg.on_policy.sample_dtype != "float32":
+    if wanted(cfg, acc) and cfg.on_policy.lmbda > 0 and cfg.on_policy.sample_dtype != "float32":
         raise DistillError("on_policy.sample_dtype: bfloat16 is not built for train.sharding: fsdp; use float32 there")
     return acc
 
@@ -160,7 +159,7 @@ def setup(cfg: RunConfig, resume: bool) -> Run:
 
     if cfg.train.freeze_embeddings:
         freeze_embeddings(student)
-    fsdp = cfg.train.sharding == "fsdp" and acc.num_processes > 1
+    fsdp = wanted(cfg, acc)
     if fsdp:  # before the optimizer: sharding replaces the parameters
         shard(student, acc.device, acc.num_processes)
         if projectors is not None:

@@ -31,6 +31,11 @@ from distill.errors import DistillError
 from distill.paths import atomic_write_json, read_json
 
 
+def wanted(cfg, acc) -> bool:
+    """Whether this run shards: train.sharding fsdp and more than one process."""
+    return cfg.train.sharding == "fsdp" and acc.num_processes > 1
+
+
 def is_sharded(module) -> bool:
     return isinstance(module, FSDPModule)
 
