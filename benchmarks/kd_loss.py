@@ -18,6 +18,8 @@ measured in the same run (median of (N, Hs) @ (Hs, V) matmuls in the same dtype)
 runs whose estimated need exceeds free memory (a per-divergence count of live (N, V) fp32
 tensors, see NAIVE_FP32_COPIES) are measured at N/2, N/4, ... instead and scaled linearly
 back to N (every naive buffer is (N, V)); such rows are labelled 'naive~' and say so.
+On CPU every worker first sets glibc's malloc as a CPU training run does
+(distill.training.host_memory), whatever the impl.
 """
 
 import argparse
@@ -90,6 +92,10 @@ def worker(spec: dict) -> dict:
     from distill.loss.fused import fused_kd_loss
 
     device, dtype = spec["device"], getattr(torch, spec["dtype"])
+    if device == "cpu":  # as a CPU training run sets it (distill.training.host_memory), for every impl
+        from distill.training.host_memory import keep_freed_memory
+
+        keep_freed_memory()
     n, hs_dim, ht_dim, v = spec["shape"]
     reps = spec["reps"]
     gen = torch.Generator(device=device).manual_seed(0)

@@ -14,6 +14,14 @@ shapes in bf16 (no weights needed: speed does not depend on their values), a wor
 tokenizer over all 151936 of Qwen's ids, batch 8, prompts of 200 random ids, 256 new
 tokens forced.
 
+distill's rows (--distill-rows) add one lever each to the row above, as
+benchmarks/real_step.py's do: `distill` (fp32 everything), `+ bf16 sampling`
+(on_policy.sample_dtype: bfloat16), `+ teacher bf16` (teacher.dtype: bfloat16), `+ frozen
+embeddings` (train.freeze_embeddings). With --trl-same-settings each TRL trainer also runs
+with what of the last distill row it can take (a bf16 teacher, frozen embeddings) and
+glibc's malloc set as distill sets it on CPU (distill.training.host_memory, through the
+MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ environment), so its best setting is shown.
+
 Each trainer runs in its own process (peak RSS is that process's; on CUDA also the peak
 allocated GPU memory), --warmup steps untimed, then --steps timed; the table shows the
 median step. distill's share of the step: rollout, teacher scoring (teacher forwards) and
@@ -40,7 +48,22 @@ from pathlib import Path
 
 import torch
 
+from distill.training.host_memory import MMAP_THRESHOLD_MAX, TRIM_THRESHOLD
+
 HERE = Path(__file__).parent
+DISTILL_ROWS = {  # row: the lever it adds to the row above
+    "distill": None,
+    "+ bf16 sampling": "bf16_sampling",
+    "+ teacher bf16": "teacher_bf16",
+    "+ frozen embeddings": "frozen_embeddings",
+}
+
+
+def levers_of(row: str) -> set[str]:
+    """The levers a distill row has on: its own and every one above it."""
+    names = list(DISTILL_ROWS)
+    return {DISTILL_ROWS[n] for n in names[: names.index(row) + 1] if DISTILL_ROWS[n]}
+
 SMOL = "packaged:smollm2-135m-instruct"
 QWEN_15B = {  # Qwen2.5-1.5B's shape
     "model_type": "qwen2", "vocab_size": 151936, "hidden_size": 1536, "intermediate_size": 8960,
@@ -125,7 +148,7 @@ def prepare_gpu(work: Path, n_rows: int, prompt_tokens: int, vocab_size: int = Q
     return {"tokenizer": str(folder), "prompts": str(prompts)}
 
 
-def ours_tree(args, paths: dict, out: Path) -> dict:
+def ours_tree(args, paths: dict, out: Path, levers: frozenset[str] = frozenset()) -> dict:
     steps = args.warmup + args.steps
     if args.gpu or args.tiny:
         t_config, s_config = random_shapes(args)
@@ -134,6 +157,8 @@ def ours_tree(args, paths: dict, out: Path) -> dict:
         teacher = {"config": t_config, "tokenizer": paths["tokenizer"], **dtype}
     else:
         student, teacher = {"name": paths["student"]}, {"name": SMOL}
+        if "teacher_bf16" in levers:
+            teacher["dtype"] = "bfloat16"
     return {
         "student": student,
         "teacher": teacher,
@@ -143,9 +168,11 @@ def ours_tree(args, paths: dict, out: Path) -> dict:
             "steps": steps, "micro_batch_size": args.batch, "lr": 1e-5, "warmup_steps": 0, "seed": 0,
             "fused_optimizer": True,  # TRL's default optimizer is fused AdamW too
             "precision": "bf16" if args.gpu or args.bf16 else "fp32",
+            "freeze_embeddings": "frozen_embeddings" in levers,
         },
         "on_policy": {
             "lmbda": 1.0, "max_new_tokens": args.new_tokens, "min_new_tokens": args.new_tokens, "temperature": 1.0,
+            "sample_dtype": "bfloat16" if "bf16_sampling" in levers else "float32",
         },
         "features": {"probe_examples": 0},
         "out_dir": str(out),
@@ -173,8 +200,12 @@ def run_ours(tree: dict, gpu: bool, warmup: int) -> dict:
     }
 
 
-def run_worker(cmd: list[str]) -> dict:
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+# distill.training.host_memory's setting, as glibc reads it from the environment at start
+MALLOC_SETTING = {"MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD_MAX), "MALLOC_TRIM_THRESHOLD_": str(TRIM_THRESHOLD)}
+
+
+def run_worker(cmd: list[str], env: dict[str, str] | None = None) -> dict:
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env={**os.environ, **(env or {})})
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
@@ -186,8 +217,11 @@ def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--gpu", action="store_true")
     ap.add_argument("--tiny", action="store_true", help="the --gpu setting's code path on CPU at toy shapes, no TRL (gpu.sh --dry)")
-    ap.add_argument("--sample-dtypes", nargs="+", default=["float32"], choices=["float32", "bfloat16"],
-                    help="one distill row per on_policy.sample_dtype (bfloat16: rollouts from a bf16 copy of the student)")
+    ap.add_argument("--distill-rows", nargs="+", default=["distill"], choices=list(DISTILL_ROWS), metavar="ROW",
+                    help=f"distill's rows, each adding a lever to the one above: {list(DISTILL_ROWS)}")
+    ap.add_argument("--trl-same-settings", action="store_true",
+                    help="each TRL trainer also with the last distill row's bf16 teacher and frozen embeddings, "
+                         "and distill's malloc setting")
     ap.add_argument("--trl-python", default=None, help="a python with trl installed (benchmark-only)")
     ap.add_argument("--trl", nargs="*", default=["gkd", "gkd-gc", "distillation", "distillation-gc"],
                     help="TRL rows: gkd | gkd-gc | distillation | distillation-gc (-gc: gradient checkpointing)")
@@ -212,12 +246,12 @@ def measure(args) -> list[dict]:
     else:
         paths = prepare(args.work, n_rows, 48)
     rows = []
-    for dtype in args.sample_dtypes:
-        tree = ours_tree(args, paths, args.work / f"run-distill-{dtype}")
-        tree["on_policy"]["sample_dtype"] = dtype
+    for i, label in enumerate(args.distill_rows):
+        tree = ours_tree(args, paths, args.work / f"run-distill-{i}", frozenset(levers_of(label)))
         row = run_worker([sys.executable, __file__, "--worker", "ours", "--tree", json.dumps(tree),
                           "--warmup", str(args.warmup), *(["--gpu"] if args.gpu else [])])  # fmt: skip
-        rows.append({**row, "label": "distill" if dtype == "float32" else "distill, bf16 sampling"})
+        rows.append({**row, "label": label})
+    same = levers_of(args.distill_rows[-1])
     for name in args.trl if args.trl_python and not args.tiny else []:
         trainer, gc = name.removesuffix("-gc"), int(name.endswith("-gc"))
         cmd = [args.trl_python, str(HERE / "trl_baseline.py"), "--trainer", trainer, "--gradient-checkpointing", str(gc),
@@ -226,6 +260,10 @@ def measure(args) -> list[dict]:
         cmd += ["--prompts", paths["prompts"]]
         cmd += ["--gpu", "--tokenizer", paths["tokenizer"]] if args.gpu else ["--teacher", paths["teacher"], "--student", paths["student"]]
         rows.append({"label": name, **run_worker(cmd)})
+        if args.trl_same_settings and not args.gpu:
+            extra = (["--teacher-dtype", "bfloat16"] if "teacher_bf16" in same else []) + (
+                ["--freeze-embeddings"] if "frozen_embeddings" in same else [])
+            rows.append({"label": f"{name}, same settings", **run_worker(cmd + extra, MALLOC_SETTING)})
     return rows
 
 
@@ -244,12 +282,12 @@ def print_table(rows: list[dict], args) -> None:
     precision = "bf16 autocast" if args.gpu or args.bf16 else "fp32"
     print(f"\non-policy step, {device}, torch {torch.__version__}, {precision}: batch {args.batch}, {args.new_tokens} new tokens, "
           f"lmbda 1, JSD beta {args.beta}; median of {args.steps} steps after {args.warmup} warmup\n")
-    head = f"{'trainer':<22} {'s/step':>7} {'samples/s':>9} {'gen tok/s':>9} {'peak RSS':>9} {'peak GPU':>9}   rollout / scoring / update"
+    head = f"{'trainer':<28} {'s/step':>7} {'samples/s':>9} {'gen tok/s':>9} {'peak RSS':>9} {'peak GPU':>9}   rollout / scoring / update"
     print(head + "\n" + "-" * len(head))
     for r in rows:
         label = r.get("label", r.get("trainer", "?"))
         if "error" in r:
-            print(f"{label:<22} {r['error']}")
+            print(f"{label:<28} {r['error']}")
             continue
         gpu = f"{r['peak_gpu_gib']:.1f} GiB" if r.get("peak_gpu_gib") else "-"
         share = "-"
@@ -257,8 +295,17 @@ def print_table(rows: list[dict], args) -> None:
             s = r["s_per_step"]
             share = " / ".join(f"{100 * r[k] / s:.0f}%" for k in ("rollout_s", "teacher_s", "update_s"))
         tok_s = r["gen_tokens_per_step"] / r["s_per_step"]
-        print(f"{label:<22} {r['s_per_step']:>7.2f} {r['samples_per_s']:>9.3f} {tok_s:>9.1f} "
+        print(f"{label:<28} {r['s_per_step']:>7.2f} {r['samples_per_s']:>9.3f} {tok_s:>9.1f} "
               f"{r['peak_rss_gib']:>5.2f} GiB {gpu:>9}   {share}")
+    best: dict[str, dict] = {}  # each TRL trainer's fastest row
+    for r in rows:
+        trl = r.get("trainer") not in (None, "distill") and "error" not in r
+        if trl and (r["trainer"] not in best or r["samples_per_s"] > best[r["trainer"]]["samples_per_s"]):
+            best[r["trainer"]] = r
+    last = next((r for r in reversed(rows) if r.get("trainer") == "distill"), None)
+    for trainer, r in best.items() if last else ():
+        print(f"{last['label']} vs {trainer}'s best row ({r['label']}): {last['samples_per_s'] / r['samples_per_s']:.2f}x "
+              f"samples/s, peak RSS {last['peak_rss_gib'] / r['peak_rss_gib']:.2f}x")
     ours = [r for r in rows if r.get("trainer") == "distill"]
     for base in ours:
         for r in rows:

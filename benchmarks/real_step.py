@@ -9,24 +9,34 @@ joined into rows of up to 250 tokens as in issue 21's measurement). Rows of the 
 
     plain                issue 17's 30-line PyTorch loop (real_llm.plain_step): 4 x 256-token
                          blocks, full logits
+    plain, host memory   the same with distill's host-memory setting (keep_freed_memory), to
+                         show what that setting alone gives a plain loop
     distill, padded rows `distill train` on {"text"} rows with data.packing off: 4 rows a
-                         step, padded to the longest (issue 21's measurement)
+                         step, padded to the longest (issue 21's measurement), without the
+                         host-memory setting (what distill did before it)
     + packing (default)  rows packed into 4 x 256-token blocks, attention kept inside each
                          row: what `distill train` does on {"text"} rows by default
     + teacher bf16       the frozen teacher's weights loaded in bf16 (teacher.dtype: bfloat16)
     + frozen embeddings  train.freeze_embeddings: no lm_head weight gradient
+    + rows split         data.split_rows: blocks filled to exactly 256 tokens, a row that
+                         does not fit continued in the next block (no padding)
+    + host memory        what CPU runs now always do: freed memory kept for reuse
+                         (distill.training.host_memory) and the fused loss's chunks sized to
+                         be reused (fused.CHUNK_LOGITS_CPU); before it, 2**25-logit chunks
     + student bf16       train.precision: bf16 (autocast of the student's forward)
 
 Each row adds its lever to the row above. Every row runs in its own process, so its peak RSS
 is its own; s/step and tokens/s (real tokens, padding not counted) are the median over the
-steps after the first --warmup; the breakdown is the median seconds of each phase (teacher
+steps after the first --warmup, pooled over --repeats runs of the whole table (rows
+interleaved, so a slow spell of the machine touches every row); the breakdown is the median seconds of each phase (teacher
 forward, student forward, loss, backward, optimizer, data, the rest). The loss curves of the
-rows that change only the arithmetic (teacher bf16, student bf16) are printed beside the row
+rows that change only the arithmetic (teacher bf16, host memory, student bf16) are printed beside the row
 before them: the same data and init, so they differ only by rounding.
 Run it alone on the machine: timings beside other work are not valid.
 """
 
 import argparse
+import itertools
 import json
 import platform
 import resource
@@ -48,9 +58,11 @@ LEVERS = {  # row name: the lever it adds to the row above
     "+ packing (default)": "packing",
     "+ teacher bf16": "teacher_bf16",
     "+ frozen embeddings": "frozen_embeddings",
+    "+ rows split": "split_rows",
+    "+ host memory": "host_memory",
     "+ student bf16": "student_bf16",
 }
-ROWS = ("plain", *LEVERS)
+ROWS = ("plain", "plain, host memory", *LEVERS)
 
 
 def levers_of(row: str) -> set[str]:
@@ -65,7 +77,8 @@ def distill_config(student: Path, train: Path, out: Path, levers: set[str], step
     return build_config({
         "student": {"name": str(student)},
         "teacher": {"name": real_llm.SMOL, "dtype": "bfloat16" if "teacher_bf16" in levers else "float32"},
-        "data": {"source": str(train), "max_length": 256, "truncate": True, "packing": "packing" in levers, "n_test": 8},
+        "data": {"source": str(train), "max_length": 256, "truncate": True, "packing": "packing" in levers, "n_test": 8,
+                 "split_rows": "split_rows" in levers},
         "objective": {"alpha": 1.0, "temperature": 1.0, "divergence": "forward_kl"},
         "train": {"steps": steps, "micro_batch_size": 4, "lr": 2e-4, "warmup_steps": 20, "fused_optimizer": True,
                   "freeze_embeddings": "frozen_embeddings" in levers,
@@ -105,7 +118,14 @@ def profile_distill(row: str, work: Path, rows: Path, steps: int) -> dict:
     from distill.training.resume import release_run_dir
     from distill.training.setup import setup
 
-    cfg = distill_config(work / "inits" / "uniform", rows, work / "runs" / row.replace(" ", "_"), levers_of(row), steps)
+    levers = levers_of(row)
+    if "host_memory" not in levers:  # distill as it was before the setting
+        import distill.training.setup as setup_mod
+        from distill.loss import fused
+
+        setup_mod.keep_freed_memory = lambda: False
+        fused.CHUNK_LOGITS_CPU = fused.CHUNK_LOGITS
+    cfg = distill_config(work / "inits" / "uniform", rows, work / "runs" / row.replace(" ", "_"), levers, steps)
     shutil.rmtree(cfg.out_dir, ignore_errors=True)  # a fresh run each time
     run = setup(cfg, resume=False)
     clock = Clock()
@@ -140,10 +160,14 @@ def profile_distill(row: str, work: Path, rows: Path, steps: int) -> dict:
     return {"steps": out, "params": run.n_params}
 
 
-def profile_plain(work: Path, rows: Path, steps: int) -> dict:
+def profile_plain(work: Path, rows: Path, steps: int, host_memory: bool = False) -> dict:
     from transformers import AutoModelForCausalLM
 
     from distill.models.loading import count_parameters, load_causal_lm, load_tokenizer
+    from distill.training.host_memory import keep_freed_memory
+
+    if host_memory:
+        keep_freed_memory()
 
     teacher = load_causal_lm(name=real_llm.SMOL, dtype="float32").eval()
     tokenizer = load_tokenizer(real_llm.SMOL)
@@ -162,7 +186,10 @@ def profile_plain(work: Path, rows: Path, steps: int) -> dict:
 
 
 def child(row: str, work: Path, rows: Path, steps: int) -> None:
-    result = profile_plain(work, rows, steps) if row == "plain" else profile_distill(row, work, rows, steps)
+    if row.startswith("plain"):
+        result = profile_plain(work, rows, steps, host_memory=row == "plain, host memory")
+    else:
+        result = profile_distill(row, work, rows, steps)
     result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print("RESULT " + json.dumps(result), flush=True)
 
@@ -195,20 +222,21 @@ def prepare(work: Path, rows: str) -> Path:
     return path
 
 
-def table(results: dict[str, dict], warmup: int) -> None:
+def table(results: dict[str, dict]) -> None:
+    """The markdown table (each row's "timed" steps) and the loss curves beside each other."""
     med = lambda xs: statistics.median(xs)
     base = None
     print("\n| setting | s/step | tokens/s | vs plain | peak RSS | " + " | ".join(PHASES) + " |")
     print("|---|---|---|---|---|" + "---|" * len(PHASES))
     for row, r in results.items():
-        steps = r["steps"][warmup:]
+        steps = r["timed"]
         tps = med([s["tokens"] / s["s"] for s in steps])
         base = tps if row == "plain" else base
         ratio = f"{tps / base:.2f}x" if base else ""
         phases = " | ".join(f"{med([s['phases'][p] for s in steps]):.2f}" for p in PHASES)
         print(f"| {row} | {med([s['s'] for s in steps]):.2f} | {tps:.0f} | {ratio} | {r['peak_rss_mib']:,.0f} MiB | {phases} |")
     rows = list(results)
-    for row in ("+ teacher bf16", "+ student bf16"):
+    for row in ("+ teacher bf16", "+ host memory", "+ student bf16"):
         if row in results and rows.index(row) > 0:
             before = rows[rows.index(row) - 1]
             a, b = [s["loss"] for s in results[before]["steps"]], [s["loss"] for s in results[row]["steps"]]
@@ -224,6 +252,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, required=True)
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--warmup", type=int, default=2, help="steps left out of the medians")
+    ap.add_argument("--repeats", type=int, default=1, help="runs of the whole table, rows interleaved; medians pool them")
     ap.add_argument("--rows", nargs="+", default=list(ROWS), choices=ROWS, metavar="ROW", help=f"of {ROWS}")
     ap.add_argument("--data", choices=["paragraphs", "joined"], default="paragraphs",
                     help="rows: the training text's paragraphs, or paragraphs joined into rows of up to 250 tokens")  # fmt: skip
@@ -238,9 +267,12 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     rows_file = prepare(args.work, args.data)
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
-    print(f"rows: {args.data} ({rows_file}), {args.steps} steps, medians over steps {args.warmup + 1}..{args.steps}")
-    results = {}
-    for row in args.rows:
+    print(
+        f"rows: {args.data} ({rows_file}), {args.steps} steps, medians over steps {args.warmup + 1}..{args.steps}"
+        f" of {args.repeats} run(s)"
+    )
+    results: dict[str, dict] = {}
+    for repeat, row in itertools.product(range(args.repeats), args.rows):
         cmd = [
             sys.executable,
             __file__,
@@ -257,9 +289,14 @@ def main() -> None:
         lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
         if proc.returncode != 0 or not lines:
             sys.exit(f"row {row!r} failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}")
-        results[row] = json.loads(lines[-1].removeprefix("RESULT "))
-        print(f"{row}: done", flush=True)
-    table(results, args.warmup)
+        got = json.loads(lines[-1].removeprefix("RESULT "))
+        if row in results:  # another repeat: its timed steps join the row's, its loss curve is the same
+            results[row]["timed"] += got["steps"][args.warmup :]
+            results[row]["peak_rss_mib"] = max(results[row]["peak_rss_mib"], got["peak_rss_mib"])
+        else:
+            results[row] = {**got, "timed": got["steps"][args.warmup :]}
+        print(f"{row} ({repeat + 1}/{args.repeats}): done", flush=True)
+    table(results)
 
 
 if __name__ == "__main__":

@@ -51,6 +51,11 @@ def parse_args():
     p.add_argument("--gpu", action="store_true", help="CUDA, bf16, random-init Qwen2.5-1.5B / 0.5B shapes")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (TrainingArguments.bf16), also on CPU")
     p.add_argument("--tokenizer", default=None, help="--gpu: the tokenizer folder (on_policy.py writes one)")
+    p.add_argument("--teacher-dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="CPU setting: the teacher's weights (bfloat16: a bf16 copy, as distill's teacher.dtype)")
+    p.add_argument("--freeze-embeddings", action="store_true",
+                   help="the student's input embeddings (tied to its lm_head) get no gradient, as distill's "
+                        "train.freeze_embeddings")
     args = p.parse_args()
     if args.gpu and not args.tokenizer or not args.gpu and not (args.teacher and args.student):
         p.error("the CPU setting needs --teacher and --student; --gpu needs --tokenizer")
@@ -93,7 +98,9 @@ def main(a):
         student, teacher = shape(QWEN_05B, a.seed), shape(QWEN_15B, a.seed + 1)
     else:
         student = AutoModelForCausalLM.from_pretrained(a.student, dtype=torch.float32)
-        teacher = AutoModelForCausalLM.from_pretrained(a.teacher, dtype=torch.float32)
+        teacher = AutoModelForCausalLM.from_pretrained(a.teacher, dtype=getattr(torch, a.teacher_dtype))
+    if a.freeze_embeddings:  # the Trainer's optimizer takes only parameters that require grad
+        student.get_input_embeddings().weight.requires_grad_(False)
     eos = tok.eos_token_id
 
     # Count the completion tokens the student generates (both trainers call `generate` on the student itself).
@@ -181,6 +188,7 @@ def main(a):
     s_per_step = statistics.median(timed)
     return dict(
         trainer=a.trainer, trl_version=trl.__version__, bf16=a.gpu or a.bf16, gradient_checkpointing=a.gradient_checkpointing,
+        teacher_dtype=a.teacher_dtype, freeze_embeddings=a.freeze_embeddings,
         batch=a.batch, max_new_tokens=a.max_new_tokens, steps_timed=len(timed), s_per_step=s_per_step,
         samples_per_s=a.batch / s_per_step, gen_tokens_per_step=statistics.mean(tokens),
         peak_rss_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,  # KiB on Linux

@@ -22,11 +22,14 @@ def test_each_row_adds_one_lever_to_the_row_above(tmp_path):
         cfg = real_step.distill_config(tmp_path / "s", tmp_path / "rows.jsonl", tmp_path / "run", real_step.levers_of(row), 12)
         return {
             "packing": cfg.data.packing, "teacher_bf16": cfg.teacher.dtype == "bfloat16",
-            "frozen_embeddings": cfg.train.freeze_embeddings, "student_bf16": cfg.train.precision == "bf16",
+            "frozen_embeddings": cfg.train.freeze_embeddings, "split_rows": cfg.data.split_rows,
+            "student_bf16": cfg.train.precision == "bf16", "host_memory": "host_memory" in real_step.levers_of(row),
         }  # fmt: skip
 
     rows = list(real_step.LEVERS)
-    assert settings(rows[0]) == dict.fromkeys(("packing", "teacher_bf16", "frozen_embeddings", "student_bf16"), False)
+    assert settings(rows[0]) == dict.fromkeys(
+        ("packing", "teacher_bf16", "frozen_embeddings", "split_rows", "host_memory", "student_bf16"), False
+    )
     for above, row in itertools.pairwise(rows):
         changed = {k for k, v in settings(row).items() if v != settings(above)[k]}
         assert changed == {real_step.LEVERS[row]}, row

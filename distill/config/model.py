@@ -53,8 +53,10 @@ class ModelConfig(Section):
     """An inline transformers config with `model_type` (random init; tests and the demo)."""
     tokenizer: str | None = None
     """Tokenizer source; None means the model's own; 'builtin' is the built-in task's."""
-    dtype: Literal["float32", "bfloat16"] = "float32"
-    """Weights dtype when loaded. A frozen teacher in bfloat16 is a copy of its weights made
+    dtype: Literal["float32", "bfloat16"] | None = None
+    """Weights dtype when loaded; null: float32, except a teacher on a machine with CUDA,
+    bfloat16 (the student always trains from float32 weights unless set). A frozen teacher in
+    bfloat16 is a copy of its weights made
     once, with bf16 matmuls where the CPU (AVX-512 BF16, AMX) or GPU has them; its speed and
     its effect on the loss are measured in benchmarks/real_step.py (docs/results.md). It
     trades a little of one invariance: another batch layout (1 x 8 vs 8 x 1 micro-batches,

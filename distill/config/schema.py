@@ -68,6 +68,18 @@ class DataConfig(Section):
     every target is counted once, as in the row alone. null: on for {"text"} rows (no
     prompt: pre-training-style data), off for prompt/completion rows and built-in tasks, and
     off with on_policy or rationale.mode=multitask, which need whole rows."""
+    split_rows: bool = False
+    """With packing: fill every block to exactly max_length, in the rows' order, a row that
+    does not fit continuing in the next block as a document of its own (positions restart
+    and attention stays inside each piece; the piece's first token is not a target, one
+    target lost per cut). No padding, and no row is too long (max_length and truncate
+    then bound nothing). Off: rows stay whole, blocks filled best-fit."""
+
+    @property
+    def cuts_long_rows(self) -> bool:
+        """Whether a held-out row over max_length is cut rather than refused: data.truncate,
+        or data.split_rows (which refuses no training row, so no held-out row either)."""
+        return self.truncate or self.split_rows
 
     @field_validator("eval_source")
     @classmethod
@@ -403,6 +415,11 @@ class RunConfig(Section):
                 raise ValueError(f"data.packing=true packs rows into blocks, but {why}; set data.packing=false")
             if self.data.packing is None:
                 self.data.packing = False  # null resolves to whole rows here
+        if self.data.split_rows and self.data.packing is False:
+            raise ValueError(
+                "data.split_rows=true cuts rows across packed blocks, but data.packing is off "
+                "(false, or turned off by on_policy, rationale multitask or cross_tokenizer)"
+            )
         if self.on_policy.lmbda > 0:
             if self.teacher is None or self.objective.alpha == 0:
                 raise ValueError("on_policy.lmbda > 0 needs a live 'teacher' and objective.alpha > 0 to score the samples")

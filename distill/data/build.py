@@ -8,11 +8,13 @@ when `data.packing` says so, or (null) when the rows are text rows.
 
 from distill.config import DataConfig, RunConfig
 from distill.data.hf import hf_rows
-from distill.data.packing import pack_examples
+from distill.data.packing import pack_examples, split_examples
 from distill.data.rationale import task_rows
 from distill.data.rows import Example, Row, is_text, load_rows, text_split, tokenize_rows
 from distill.data.sources import is_hf
 from distill.errors import DistillError
+
+UNBOUNDED = 1 << 40  # the row length limit with data.split_rows: rows are cut into blocks, never refused
 
 
 def read_rows(dcfg: DataConfig, source: str, split: str, n: int) -> list[Row]:
@@ -49,7 +51,15 @@ def packs(dcfg: DataConfig, rows: list[Row]) -> bool:
 
 
 def tokenize_split(dcfg: DataConfig, rows: list[Row], tokenizer, pack: bool, source: str) -> list[Example]:
-    """Tokenized examples of `rows`, packed into blocks of data.max_length when `pack`."""
+    """Tokenized examples of `rows`, packed into blocks of data.max_length when `pack` (rows
+    cut across blocks with data.split_rows, which then bounds no row's length)."""
+    if dcfg.split_rows:
+        if not pack:
+            raise DistillError(
+                f"data.split_rows=true cuts rows across packed blocks, but {source} is not packed (set data.packing)"
+            )
+        examples = tokenize_rows(rows, tokenizer, UNBOUNDED, source=source)
+        return split_examples(examples, dcfg.max_length)
     examples = tokenize_rows(rows, tokenizer, dcfg.max_length, source=source, truncate=dcfg.truncate)
     return pack_examples(examples, dcfg.max_length) if pack else examples
 

@@ -27,8 +27,13 @@ materialised, (B, 1, T, T) booleans per forward.
 `check_isolation` verifies the behaviour on the run's own models (any attention
 implementation) before training starts.
 
-Rows are never split across blocks: a row longer than max_length is an error, or cut by
-data.truncate. Blocks are filled best-fit, longest rows first (deterministic).
+By default rows are never split across blocks: a row longer than max_length is an error,
+or cut by data.truncate, and blocks are filled best-fit, longest rows first (deterministic),
+leaving what no row fits as padding. With data.split_rows (`split_examples`) the rows are
+laid end to end in their order and cut every max_length tokens: a row cut at a block's end
+continues at the next block's start as a document of its own (positions from 0, attention
+only inside the piece), so every block but the last is full and the only target lost is
+the first token of each continuation.
 """
 
 import bisect
@@ -64,6 +69,26 @@ def pack_examples(examples: list[Example], max_length: int) -> list[Example]:
         if room > 0:
             bisect.insort(free, (room, b))
     return [block_of([examples[i] for i in sorted(members)]) for members in blocks]
+
+
+def split_examples(examples: list[Example], max_length: int) -> list[Example]:
+    """The examples end to end, in order, cut into blocks of exactly `max_length` tokens (the
+    last block may be shorter). A piece of an example is a document of its own in its block."""
+    blocks: list[Example] = []
+    pieces: list[Example] = []
+    room = max_length
+    for e in examples:
+        start, n = 0, len(e.input_ids)
+        while start < n:
+            take = min(room, n - start)
+            pieces.append(Example(e.input_ids[start : start + take], e.labels[start : start + take]))
+            start, room = start + take, room - take
+            if room == 0:
+                blocks.append(block_of(pieces))
+                pieces, room = [], max_length
+    if pieces:
+        blocks.append(block_of(pieces))
+    return blocks
 
 
 def block_of(documents: list[Example]) -> Example:

@@ -29,14 +29,23 @@ from distill.loss.closed_forms import log_probs_value_and_grad, log_softmax_at, 
 from distill.loss.registry import check_divergence
 from distill.loss.token_losses import IGNORE_INDEX
 
-# Auto chunk: about 2**25 logits (128 MiB in fp32) per (chunk, V) buffer, whatever V is;
-# a chunk keeps at most ~6 such buffers alive (logits, log-probs, probs, gradient, scratch).
+# Auto chunk: about 2**25 logits (128 MiB in fp32) per (chunk, V) buffer on an accelerator,
+# whatever V is; a chunk keeps at most ~6 such buffers alive (logits, log-probs, probs,
+# gradient, scratch). On CPU 2**23 (32 MiB): glibc serves a larger block by mmap and unmaps
+# it when freed, so each new (chunk, V) buffer page-faults in afresh, which costs about three
+# times the element-wise pass it holds (measured: `exp` of 682 x 49152 values 48 ms into a new
+# buffer, 12 ms into a reused one). At or under 32 MiB, with `distill.training.host_memory`'s
+# setting, freed buffers are reused instead (benchmarks/fused_chunks.py: no page fault a
+# call, and the fastest of the chunk sizes it tries).
 CHUNK_LOGITS = 1 << 25
+CHUNK_LOGITS_CPU = 1 << 23
 
 
-def auto_chunk_size(vocab_size: int) -> int:
-    """Tokens per chunk so that one (chunk, V) fp32 buffer holds about CHUNK_LOGITS values."""
-    return max(16, CHUNK_LOGITS // max(vocab_size, 1))
+def auto_chunk_size(vocab_size: int, device: torch.device | str = "cuda") -> int:
+    """Tokens per chunk so that one (chunk, V) fp32 buffer holds about CHUNK_LOGITS values
+    (CHUNK_LOGITS_CPU on the CPU)."""
+    budget = CHUNK_LOGITS_CPU if torch.device(device).type == "cpu" else CHUNK_LOGITS
+    return max(16, budget // max(vocab_size, 1))
 
 
 def _logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
@@ -205,7 +214,7 @@ def _check_student(
     if b is not None and b.shape != (w.shape[0],):
         raise ValueError(f"student_bias must be ({w.shape[0]},), got {tuple(b.shape)}")
     if chunk_size is None:
-        chunk_size = auto_chunk_size(vocab_size)
+        chunk_size = auto_chunk_size(vocab_size, h.device)
     if not (isinstance(chunk_size, int) and chunk_size >= 1):
         raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
     for name, weight in (("hard_ce_weight", hard_ce_weight), ("divergence_weight", divergence_weight)):
@@ -316,7 +325,8 @@ def fused_kd_loss(
         divergence_weight: weight of the divergence sum (1 by default; the loop passes
             alpha * T^2 so one pass yields the whole objective).
         chunk_size: tokens per chunk; peak extra memory is about six (chunk_size, V) fp32
-            tensors. None: `auto_chunk_size(V)` (2**25 logits per buffer).
+            tensors. None: `auto_chunk_size(V, device)` (2**25 logits
+            per buffer, 2**23 on CPU).
         return_terms: also return the unweighted sums [divergence, CE] (2,) for logging
             (CE is computed when labels are given, even at weight 0).
         **divergence_params: its parameters (`beta` for jsd, `alpha` for the skew KLs).

@@ -24,8 +24,16 @@ def build_tokenizer(mcfg: ModelConfig, role: str):
     return load_tokenizer(mcfg.name, mcfg.gguf_file)
 
 
+def weights_dtype(mcfg: ModelConfig, role: str) -> str:
+    """`mcfg.dtype`, or when null: bfloat16 for a teacher where CUDA is, float32 otherwise."""
+    if mcfg.dtype is not None:
+        return mcfg.dtype
+    return "bfloat16" if role == "teacher" and torch.cuda.is_available() else "float32"
+
+
 def build_model(mcfg: ModelConfig, tokenizer, role: str, seed: int):
-    """Load or create a causal LM. Inline configs get the tokenizer's size and special ids."""
+    """Load or create a causal LM (weights in `weights_dtype`). Inline configs get the
+    tokenizer's size and special ids."""
     if mcfg.config is not None:
         config = dict(mcfg.config)
         config.setdefault("vocab_size", len(tokenizer))
@@ -33,8 +41,8 @@ def build_model(mcfg: ModelConfig, tokenizer, role: str, seed: int):
             if getattr(tokenizer, key, None) is not None:
                 config.setdefault(key, getattr(tokenizer, key))
         torch.manual_seed(seed)  # the same seed gives the same initial weights
-        return load_causal_lm(config=config, dtype=mcfg.dtype)
-    return load_causal_lm(name=mcfg.name, gguf_file=mcfg.gguf_file, dtype=mcfg.dtype)
+        return load_causal_lm(config=config, dtype=weights_dtype(mcfg, role))
+    return load_causal_lm(name=mcfg.name, gguf_file=mcfg.gguf_file, dtype=weights_dtype(mcfg, role))
 
 
 def model_id(mcfg: ModelConfig, seed: int) -> str:

@@ -71,18 +71,18 @@ def evaluate_run(cfg: RunConfig, model, tokenizer, run_dir: Path | None, folder:
     if teacher is not None and cfg.objective.cross_tokenizer is not None:  # never feed it the student's ids
         cross, teacher, t_tok, vocab = (teacher, Retokenizer(t_tok, tokenizer)), None, None, len(tokenizer)
     if is_text(rows) and not d.source.startswith("builtin:"):  # {"text"} rows: no prompt, no answer
-        result, usage = evaluate_text(model, tokenizer, rows, cfg.eval, d.max_length, d.truncate, teacher, vocab)
+        result, usage = evaluate_text(model, tokenizer, rows, cfg.eval, d.max_length, d.cuts_long_rows, teacher, vocab)
         scored = result["text"]  # what the gates read
     else:
         fmt = "chain" if d.source == "builtin:chain" else cfg.eval.answer_format
         direct = cfg.rationale.mode != "completion"
         task = (fmt, direct, default_format_regex(cfg))  # where the answer is, and the format checked
         result, usage = evaluate_rows(
-            model, tokenizer, rows, cfg.eval, d.max_length, *task, teacher, t_tok, vocab, truncate=d.truncate
+            model, tokenizer, rows, cfg.eval, d.max_length, *task, teacher, t_tok, vocab, truncate=d.cuts_long_rows
         )
         scored = result
     if cross is not None:  # the teacher of another tokenizer, compared where the texts align
-        examples = tokenize_rows(rows, tokenizer, d.max_length, "held-out rows", d.truncate)
+        examples = tokenize_rows(rows, tokenizer, d.max_length, "held-out rows", d.cuts_long_rows)
         result["cross_teacher"] = cross_scores(model, *cross, examples, cfg.eval.batch_size, vocab, tokenizer.pad_token_id)
     if d.source == "builtin:grammar":  # the true distribution is known: score against it
         result["truth"] = truth_scores(model, tokenizer, rows, d.seed, cfg.eval.batch_size, d.max_length, teacher)

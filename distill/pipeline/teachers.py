@@ -107,7 +107,7 @@ def run_local(c: Candidate, samples: list[Sample], cfg: RunConfig, s: TeacherSet
     load_s = time.perf_counter() - t0
     try:
         record, texts = score_local(
-            model, tokenizer, samples, c.name, cfg.data.max_length, cfg.data.truncate, s.max_new_tokens, s.batch_size
+            model, tokenizer, samples, c.name, cfg.data.max_length, cfg.data.cuts_long_rows, s.max_new_tokens, s.batch_size
         )
         record["params"] = count_parameters(model)
     finally:

@@ -73,12 +73,27 @@ def is_extension(key: str) -> bool:
     return any(key == e or key.startswith(e + ".") for e in EXTENSION_KEYS)
 
 
+def with_model_dtypes(cfg: RunConfig) -> RunConfig:
+    """`cfg` with every null model dtype replaced by the dtype it loads in here
+    (`weights_dtype`): a run whose config.yaml says float32 (the default before null) and
+    one that leaves it null load the same weights, and resume as the same run."""
+    from distill.models.build import weights_dtype
+
+    cfg = cfg.model_copy(deep=True)
+    for role in ("student", "teacher"):
+        model = getattr(cfg, role)
+        if model is not None and model.dtype is None:
+            model.dtype = weights_dtype(model, role)  # type: ignore[assignment]
+    return cfg
+
+
 def check_resume_config(run_dir: Path, cfg: RunConfig) -> None:
     """Refuse a resume whose config changes an identity key of the run's config.yaml."""
     path = Path(run_dir) / rundir.CONFIG
     if not path.is_file():
         return
-    identity = [c for c in changed_keys(load_config(path), cfg) if not is_extension(c[0])]
+    old, new = with_model_dtypes(load_config(path)), with_model_dtypes(cfg)
+    identity = [c for c in changed_keys(old, new) if not is_extension(c[0])]
     if identity:
         shown = ", ".join(f"{k} ({a!r} -> {b!r})" for k, a, b in identity[:4])
         more = f" and {len(identity) - 4} more" if len(identity) > 4 else ""

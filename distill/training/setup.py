@@ -29,6 +29,7 @@ from distill.training.alignment import AlignmentProbe, Probe
 from distill.training.batch_sources import BatchSource, build_batch_source
 from distill.training.cross_teacher import Retokenizer
 from distill.training.features import build_projectors, kept_layers, layer_pairs, num_layers
+from distill.training.host_memory import keep_freed_memory
 from distill.training.objective import LossTerm, build_extra_terms
 from distill.training.on_policy import check_prompts
 from distill.training.resume import open_run_dir, resume_from
@@ -129,7 +130,7 @@ def build_probe(cfg: RunConfig, pairs, teacher, tokenizer, run_dir: Path, write:
     rows = build_rows(cfg.data, "test")[: f.probe_examples]
     if not rows:
         return None
-    examples = tokenize_rows(rows, tokenizer, cfg.data.max_length, source="held-out probe", truncate=cfg.data.truncate)
+    examples = tokenize_rows(rows, tokenizer, cfg.data.max_length, source="held-out probe", truncate=cfg.data.cuts_long_rows)
     probe = Probe(examples, tokenizer.pad_token_id, f.probe_tokens, f.skip_first_token)
     return AlignmentProbe(probe, pairs, teacher, run_dir, write)
 
@@ -138,6 +139,8 @@ def setup(cfg: RunConfig, resume: bool) -> Run:
     """Build (or restore) the run described by `cfg` in cfg.out_dir."""
     run_dir = Path(cfg.out_dir)
     acc = make_accelerator(cfg)
+    if acc.device.type == "cpu" and not wanted(cfg, acc):  # sharded runs keep glibc's release of memory
+        keep_freed_memory()  # large tensors freed each step are reused, not faulted in afresh
     set_seed(cfg.train.seed)
     student, teacher_model, tokenizer, vocab = build_models(cfg)
     if cfg.quant.scheme is not None and cfg.quant.aware:  # quantization-aware: fake-quantized linears

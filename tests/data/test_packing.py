@@ -10,7 +10,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from distill.config import build_config
 from distill.data.build import build_examples, build_rows, build_task_examples
-from distill.data.packing import check_isolation, document_starts, model_inputs, pack_examples
+from distill.data.packing import check_isolation, document_starts, model_inputs, pack_examples, split_examples
 from distill.data.rows import Example, Row, collate, tokenize_rows
 from distill.data.tasks.tokenizer import chain_tokenizer
 from distill.errors import ConfigError, DistillError
@@ -55,6 +55,42 @@ def test_blocks_hold_every_row_once_with_positions_and_labels_per_document():
         pack_examples(docs, 4)
 
 
+def test_split_rows_fill_every_block_and_keep_every_token_once_in_order():
+    docs = documents(40)
+    blocks = split_examples(docs, 48)
+    assert all(len(b.input_ids) == 48 for b in blocks[:-1]) and 0 < len(blocks[-1].input_ids) <= 48
+    assert [t for b in blocks for t in b.input_ids] == [t for d in docs for t in d.input_ids]  # end to end, in order
+    cuts = 0
+    for b in blocks:
+        starts = [i for i, p in enumerate(b.position_ids) if p == 0]
+        for s, e in itertools.pairwise([*starts, len(b.input_ids)]):
+            assert b.position_ids[s:e] == list(range(e - s))  # each piece a document of its own
+            assert b.labels[s] == IGNORE_INDEX and b.labels[s + 1 : e] == b.input_ids[s + 1 : e]
+        cuts += b.input_ids[-1] != TOK.eos_token_id  # a block ending inside a row cut it
+    assert cuts > 0
+    targets = sum(sum(label != IGNORE_INDEX for label in b.labels) for b in blocks)
+    assert targets == sum(len(d.input_ids) - 1 for d in docs) - cuts  # one target lost per cut, no other
+    long = tokenize_rows([Row("", "abcdefghij" * 10)], TOK, 1000)[0]
+    pieces = split_examples([long], 12)  # a row over the block length is cut, not refused
+    assert [len(b.input_ids) for b in pieces] == [12] * 8 + [5]
+
+
+def test_split_rows_refuse_unpacked_data_and_bound_no_row_length(tmp_path, tiny_tree):
+    data = write_text_rows(tmp_path / "t.jsonl", 60)
+    tiny_tree["data"] = {"source": str(data), "max_length": 16, "split_rows": True}
+    cfg = build_config(tiny_tree)
+    blocks = build_examples(cfg.data, TOK)  # rows over 16 tokens: cut across blocks, no error
+    assert all(len(b.input_ids) == 16 for b in blocks[:-1]) and cfg.data.cuts_long_rows
+    tiny_tree["data"]["packing"] = False
+    with pytest.raises(ConfigError, match="data.split_rows=true cuts rows across packed blocks, but data.packing is off"):
+        build_config(tiny_tree)
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "Q:1+2=", "completion": "3"}\n' * 4)
+    tiny_tree["data"] = {"source": str(prompts), "split_rows": True}  # prompt rows: packing null resolves to off
+    with pytest.raises(DistillError, match=r"data.split_rows=true cuts rows across packed blocks, but .*p.jsonl is not"):
+        build_examples(build_config(tiny_tree).data, TOK)
+
+
 def test_collate_gives_padding_its_own_positions():
     blocks = pack_examples(documents(6), 40)
     batch = collate(blocks, TOK.pad_token_id)
@@ -69,13 +105,14 @@ def test_collate_gives_padding_its_own_positions():
         collate([blocks[0], documents(1)[0]], TOK.pad_token_id)
 
 
+@pytest.mark.parametrize("packer", [pack_examples, split_examples], ids=["whole-rows", "split-rows"])
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_a_packed_document_gets_the_logits_it_gets_alone(family, attn):
+def test_a_packed_document_gets_the_logits_it_gets_alone(family, attn, packer):
     model = tiny(FAMILIES[family], attn)
     docs = documents(7)
     assert max(len(d.input_ids) for d in docs) > 4  # longer than gemma3's sliding window
-    blocks = pack_examples(docs, 40)
+    blocks = packer(docs, 40)
     batch = collate(blocks, TOK.pad_token_id)
     with torch.no_grad():
         packed = model(**model_inputs(batch)).logits  # (B, T, V)

@@ -184,3 +184,23 @@ def test_two_runs_never_share_a_folder(cli, tree, write_yaml):
     time.sleep(0.1)
     result = cli("train", config, "--no-eval")
     assert result.code == 0, result.err
+
+
+def test_a_run_recorded_with_the_old_float32_default_resumes_with_dtype_left_null(tree, tmp_path):
+    """Model dtypes default to null now (float32 on CPU); a config.yaml written before says
+    float32 explicitly and must still be the same run."""
+    from distill import rundir
+    from distill.config import dump_config
+    from distill.errors import ConfigError
+    from distill.training.resume import check_resume_config
+
+    cfg = build_config(tree)
+    assert cfg.teacher.dtype is None and cfg.student.dtype is None
+    old = cfg.model_copy(deep=True)
+    old.student.dtype, old.teacher.dtype = "float32", "float32"
+    (tmp_path / rundir.CONFIG).write_text(dump_config(old))
+    check_resume_config(tmp_path, cfg)  # the same weights: no error
+    old.teacher.dtype = "bfloat16"
+    (tmp_path / rundir.CONFIG).write_text(dump_config(old))
+    with pytest.raises(ConfigError, match=r"teacher.dtype \('bfloat16' -> 'float32'\)"):
+        check_resume_config(tmp_path, cfg)

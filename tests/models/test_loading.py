@@ -207,3 +207,15 @@ def test_gemma_is_assembled_once_into_the_cache_whole(monkeypatch, tmp_path):
     stamp = path.stat().st_mtime_ns
     check_model_source("packaged:gemma-3-270m")  # found again, not rewritten: the GGUF cache key stays
     assert path.stat().st_mtime_ns == stamp
+
+
+def test_a_teacher_loads_in_bf16_by_default_only_where_cuda_is(monkeypatch):
+    from distill.config import ModelConfig
+    from distill.models.build import weights_dtype
+
+    unset, fp32 = ModelConfig(name="x"), ModelConfig(name="x", dtype="float32")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert (weights_dtype(unset, "teacher"), weights_dtype(unset, "student"), weights_dtype(fp32, "teacher")) == (
+        "bfloat16", "float32", "float32")  # fmt: skip
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert (weights_dtype(unset, "teacher"), weights_dtype(unset, "student")) == ("float32", "float32")

@@ -1,4 +1,4 @@
-"""Training on packed {"text"} rows keeps the loop's invariances: 1 x 8 == 8 x 1 micro-batches,
+"""Training on packed {"text"} rows (whole, or cut across blocks) keeps the loop's invariances: 1 x 8 == 8 x 1 micro-batches,
 resume == uninterrupted (with the feature term and the probe), a k = V teacher cache ==
 the live teacher, and 2 processes == 1."""
 
@@ -19,10 +19,12 @@ from distill.training.loop import train
 from helpers import crash_at, read_metrics, student_weights, train_in_two_processes, write_text_rows
 
 
-@pytest.fixture
-def text_tree(tiny_tree, tmp_path) -> dict:
-    """The tiny run on 96 {"text"} rows, packed (the default for text rows) into blocks of 64."""
-    tiny_tree["data"] = {"source": str(write_text_rows(tmp_path / "text.jsonl", 96)), "max_length": 64}
+@pytest.fixture(params=[False, True], ids=["whole-rows", "split-rows"])
+def text_tree(tiny_tree, tmp_path, request) -> dict:
+    """The tiny run on 96 {"text"} rows, packed (the default for text rows) into blocks of 64:
+    rows kept whole, or cut across blocks (data.split_rows)."""
+    source = str(write_text_rows(tmp_path / "text.jsonl", 96))
+    tiny_tree["data"] = {"source": source, "max_length": 64, "split_rows": request.param}
     return tiny_tree
 
 
