@@ -1,6 +1,8 @@
 """Helpers shared by the tests: tiny model configs, run-folder readers, a crash injector."""
 
+import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -170,3 +172,17 @@ def write_chat_rows(path, n: int, seed: int = 0) -> str:
     """A JSONL file of `chat_rows`; returns its path."""
     Path(path).write_text("".join(json.dumps(r) + "\n" for r in chat_rows(n, seed)))
     return str(path)
+
+
+BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
+
+
+def load_benchmark(name: str):
+    """benchmarks/NAME.py as a module (benchmarks/ on sys.path, as when it runs as a script,
+    so it can import its sibling benchmarks)."""
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))
+    spec = importlib.util.spec_from_file_location(f"{name}_benchmark", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

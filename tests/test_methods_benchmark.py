@@ -1,6 +1,5 @@
 """The method ladder's pure parts (benchmarks/methods.py): configs, table, results file. No training."""
 
-import importlib.util
 import json
 import math
 import os
@@ -11,9 +10,9 @@ import yaml
 
 from distill.config import build_config, dump_config
 
-spec = importlib.util.spec_from_file_location("methods_benchmark", Path(__file__).parents[1] / "benchmarks" / "methods.py")
-methods = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(methods)
+from helpers import load_benchmark
+
+methods = load_benchmark("methods")
 
 ALL = ["labels", "fkl", "rkl", "jsd", "fkl_feature", "on_policy_0.5", "on_policy_1", "multitask", "answer_only"]
 # method -> (alpha or None for the base's, divergence or None for any, features.weight, lmbda, rationale.mode)

@@ -1,19 +1,14 @@
 """benchmarks/on_policy.py's distill rows: each adds one lever to the row above, and the
 settings the TRL rows are given with --trl-same-settings are the last row's."""
 
-import importlib.util
 import itertools
-import sys
-from pathlib import Path
 
 from distill.config import build_config
 from distill.training.host_memory import MMAP_THRESHOLD_MAX, TRIM_THRESHOLD
 
-BENCH = Path(__file__).parents[1] / "benchmarks"
-sys.path.insert(0, str(BENCH))
-spec = importlib.util.spec_from_file_location("on_policy_benchmark", BENCH / "on_policy.py")
-on_policy = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(on_policy)
+from helpers import load_benchmark
+
+on_policy = load_benchmark("on_policy")
 
 
 def test_each_distill_row_adds_one_lever_to_the_row_above(tmp_path):

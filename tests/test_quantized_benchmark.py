@@ -1,8 +1,6 @@
 """The quantized benchmark's own part (benchmarks/quantized.py): which folders a seed's rows
 are, each quantized once. A tiny random llama stands for the recipe's student."""
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
@@ -10,11 +8,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from distill.data.tasks.tokenizer import chain_tokenizer
 
-BENCH = Path(__file__).parents[1] / "benchmarks"
-sys.path.insert(0, str(BENCH))
-spec = importlib.util.spec_from_file_location("quantized_benchmark", BENCH / "quantized.py")
-quantized = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(quantized)
+from helpers import load_benchmark
+
+quantized = load_benchmark("quantized")
 
 
 def _student(folder: Path) -> None:

@@ -1,7 +1,6 @@
 """The real-LLM benchmark's own parts (benchmarks/real_llm.py): run configs, held-out text,
 the plain loop's data, the scores and the table. Tiny models; no real training."""
 
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -13,9 +12,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from distill.data.tasks.tokenizer import chain_tokenizer
 
-spec = importlib.util.spec_from_file_location("real_llm_benchmark", Path(__file__).parents[1] / "benchmarks" / "real_llm.py")
-real_llm = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(real_llm)
+from helpers import load_benchmark
+
+real_llm = load_benchmark("real_llm")
 
 
 def test_each_objective_is_its_settings_at_equal_steps_and_tokens(tmp_path):

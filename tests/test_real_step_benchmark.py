@@ -1,20 +1,15 @@
 """The real-step benchmark's own parts (benchmarks/real_step.py): each row's settings, the
 plain loop's step and the phase clock. Tiny models; nothing is timed."""
 
-import importlib.util
 import itertools
-import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
-BENCH = Path(__file__).parents[1] / "benchmarks"
-sys.path.insert(0, str(BENCH))
-spec = importlib.util.spec_from_file_location("real_step_benchmark", BENCH / "real_step.py")
-real_step = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(real_step)
+from helpers import load_benchmark
+
+real_step = load_benchmark("real_step")
 
 
 def test_each_row_adds_one_lever_to_the_row_above(tmp_path):
