@@ -28,10 +28,11 @@ joined into rows of up to 250 tokens as in issue 21's measurement). Rows of the 
 Each row adds its lever to the row above. Every row runs in its own process, so its peak RSS
 is its own; s/step and tokens/s (real tokens, padding not counted) are the median over the
 steps after the first --warmup, pooled over --repeats runs of the whole table (rows
-interleaved, so a slow spell of the machine touches every row); the breakdown is the median seconds of each phase (teacher
-forward, student forward, loss, backward, optimizer, data, the rest). The loss curves of the
-rows that change only the arithmetic (teacher bf16, host memory, student bf16) are printed beside the row
-before them: the same data and init, so they differ only by rounding.
+interleaved, so a slow spell of the machine touches every row); the breakdown is the median
+seconds of each phase (teacher forward, student forward, loss, backward, optimizer, data,
+the rest). The loss curves of the rows that change only the arithmetic (teacher bf16, host
+memory, student bf16) are printed beside the row before them: the same data and init, so
+they differ only by rounding.
 Run it alone on the machine: timings beside other work are not valid.
 """
 

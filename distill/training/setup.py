@@ -139,7 +139,8 @@ def setup(cfg: RunConfig, resume: bool) -> Run:
     """Build (or restore) the run described by `cfg` in cfg.out_dir."""
     run_dir = Path(cfg.out_dir)
     acc = make_accelerator(cfg)
-    if acc.device.type == "cpu" and not wanted(cfg, acc):  # sharded runs keep glibc's release of memory
+    fsdp = wanted(cfg, acc)
+    if acc.device.type == "cpu" and not fsdp:  # sharded runs keep glibc's release of memory
         keep_freed_memory()  # large tensors freed each step are reused, not faulted in afresh
     set_seed(cfg.train.seed)
     student, teacher_model, tokenizer, vocab = build_models(cfg)
@@ -162,7 +163,6 @@ def setup(cfg: RunConfig, resume: bool) -> Run:
 
     if cfg.train.freeze_embeddings:
         freeze_embeddings(student)
-    fsdp = wanted(cfg, acc)
     if fsdp:  # before the optimizer: sharding replaces the parameters
         shard(student, acc.device, acc.num_processes)
         if projectors is not None:
