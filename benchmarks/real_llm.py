@@ -17,6 +17,9 @@ Inits (made once in WORK/inits/, the same for every seed):
     depth        the 10 most important teacher layers (`--prune --layers 10`)
     width        all 30 layers, hidden and MLP cut by importance to 64M (`--prune --params 64M`)
     depth_width  16 important layers, widths cut to 64M (`--prune --layers 16 --params 64M`)
+    depthN_mlpM  the N most important layers, each layer's MLP cut to its M most important
+                 neurons (`--prune --layers N --intermediate-size M`): 12/1152, 14/1024,
+                 16/768, 20/512, all 62.8M to 65.5M parameters
 Objectives: ce (labels alone, alpha 0), kd (forward KL, alpha 1, T 1, lr 2e-4: the issue's
 settings), recipe (the packaged real-LLM recipe, distill/configs/smollm2_recipe.yaml).
 
@@ -50,6 +53,10 @@ INITS = {
     "depth": {"prune": True, "layers": 10},
     "width": {"prune": True, "params": "64M"},
     "depth_width": {"prune": True, "layers": 16, "params": "64M"},
+    "depth12_mlp1152": {"prune": True, "layers": 12, "intermediate_size": 1152},
+    "depth14_mlp1024": {"prune": True, "layers": 14, "intermediate_size": 1024},
+    "depth16_mlp768": {"prune": True, "layers": 16, "intermediate_size": 768},
+    "depth20_mlp512": {"prune": True, "layers": 20, "intermediate_size": 512},
 }
 OBJECTIVES = ("ce", "kd", "recipe")
 LICENCES = ("GPL-3", "Apache-2.0", "MPL-2.0")

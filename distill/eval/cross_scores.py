@@ -19,6 +19,7 @@ from distill.data.rows import Example, collate
 from distill.data.token_bytes import text_of
 from distill.loss.cross_tokenizer import bucket_divergence, teacher_in_student_space
 from distill.loss.token_losses import IGNORE_INDEX
+from distill.models.last_position import last_position
 from distill.training.cross_teacher import PAIR_CHUNK, Retokenizer, attach_pairs, head_logits
 
 
@@ -66,7 +67,7 @@ def cross_scores(student, teacher, retok: Retokenizer, examples: list[Example], 
         sums["s_ce"] += torch.nn.functional.cross_entropy(logits[:, :-1][valid], targets[valid], reduction="sum").item()
         sums["labels"] += float(valid.sum())
         sums["bytes"] += sum(len(text_of([y for y in e.labels if y != IGNORE_INDEX], retok.vmap.s_table)) for e in chunk)
-        out = teacher(input_ids=b["teacher_input_ids"], attention_mask=b["teacher_attention_mask"], output_hidden_states=True, logits_to_keep=1)
+        out = teacher(input_ids=b["teacher_input_ids"], attention_mask=b["teacher_attention_mask"], output_hidden_states=True, logits_to_keep=last_position(b["teacher_input_ids"]))
         hidden = out.hidden_states[-1]
         sums["t_ce"] += _teacher_ce(teacher, hidden, b["teacher_input_ids"], t_where, t_vocab)
         s_pairs, t_pairs = logits[b["pair_row"], b["pair_s"]], hidden[b["pair_row"], b["pair_t"]]

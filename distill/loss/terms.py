@@ -15,6 +15,7 @@ import torch
 from distill.loss.divergences import divergence, sparse_divergence
 from distill.loss.fused import fused_kd_loss, fused_sparse_kd_loss
 from distill.loss.token_losses import IGNORE_INDEX, cross_entropy
+from distill.models.last_position import last_position
 
 
 def next_token_targets(labels: torch.Tensor) -> torch.Tensor:
@@ -188,7 +189,7 @@ def head_matches_logits(model, **inputs: torch.Tensor) -> bool:
     if type(head) is not torch.nn.Linear:
         return False
     with torch.no_grad():
-        out = model(**inputs, output_hidden_states=True, logits_to_keep=1)
+        out = model(**inputs, output_hidden_states=True, logits_to_keep=last_position(next(iter(inputs.values()))))
         if out.hidden_states is None:
             return False
         mine = head(out.hidden_states[-1][:, -1:])  # (B, 1, V)

@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 
 from distill import rundir
 from distill.data.rows import Example, collate
+from distill.models.last_position import last_position
 from distill.paths import atomic_write_json, finish_file
 from distill.training.features import Pair, pair_record
 
@@ -71,7 +72,7 @@ class Probe:
             input_ids=self.input_ids.to(device),
             attention_mask=self.attention_mask.to(device),
             output_hidden_states=True,
-            logits_to_keep=1,
+            logits_to_keep=last_position(self.input_ids),
         )
         model.train(was_training)
         mask = self.mask.to(device)

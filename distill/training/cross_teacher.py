@@ -26,6 +26,7 @@ from distill.errors import DistillError
 from distill.loss.cross_tokenizer import bucket_divergence, teacher_in_student_space, uld
 from distill.loss.terms import combine, term_sums
 from distill.loss.token_losses import IGNORE_INDEX
+from distill.models.last_position import last_position
 
 PAIR_CHUNK = 128  # pairs per teacher-logit chunk: 128 x 262k fp32 logits = 134 MB
 
@@ -189,7 +190,7 @@ class CrossTokenizerTeacher(_CrossObjective):
         with torch.no_grad():
             out = self.model(
                 input_ids=batch["teacher_input_ids"], attention_mask=batch["teacher_attention_mask"],
-                output_hidden_states=True, logits_to_keep=1,
+                output_hidden_states=True, logits_to_keep=last_position(batch["teacher_input_ids"]),
             )
         if not self.checked:
             check_head(self.model, out)

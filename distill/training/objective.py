@@ -16,6 +16,7 @@ import torch
 from distill.config import FeatureConfig
 from distill.data.packing import document_starts, model_inputs
 from distill.loss.token_losses import IGNORE_INDEX
+from distill.models.last_position import last_position
 from distill.training.features import Pair, feature_term_sum
 
 
@@ -53,8 +54,9 @@ def micro_batch_objective(student, teacher, terms: list[LossTerm], batch, t_out,
     teacher's logit terms, then each extra term. t_out: `teacher.forward(batch)`."""
     inputs = model_inputs(batch)  # packed blocks: per-row positions, attention kept inside each row
     states = teacher.fused or any(t.needs_hidden_states for t in terms)
-    # logits_to_keep=1: the model skips its own (B, T, V) logits on the fused path.
-    s_out = student(**inputs, output_hidden_states=states, **({"logits_to_keep": 1} if teacher.fused else {}))
+    # logits_to_keep: the model skips its own (B, T, V) logits on the fused path.
+    last = {"logits_to_keep": last_position(batch["input_ids"])} if teacher.fused else {}
+    s_out = student(**inputs, output_hidden_states=states, **last)
     loss, sums = teacher.logit_terms(s_out, t_out, batch, weights)
     for term in terms:
         weighted, values = term(s_out, t_out, batch)

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
+from distill.models.last_position import last_position
+
 
 @dataclass(frozen=True)
 class Sampling:
@@ -92,7 +94,7 @@ def prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache)
         attention_mask=attention_mask,
         position_ids=positions(attention_mask),
         use_cache=True,
-        logits_to_keep=1,
+        logits_to_keep=last_position(input_ids),  # not the int 1: see distill.models.last_position
         **{cache_keyword(model): cache},
     )
     return out.logits[:, -1]
@@ -185,8 +187,11 @@ def rollout(
         if step == sampling.max_new_tokens - 1 or bool(finished.all()):
             break
         mask = torch.cat([mask, (~was_done).long()[:, None]], dim=1)  # EOS is attended, pads are not
-        ids = torch.cat([ids, token[:, None]], dim=1)
-        logits = decode_step(model, token, mask, cache) if use_cache else full_forward_logits(model, ids, mask)
+        if use_cache:
+            logits = decode_step(model, token, mask, cache)
+        else:
+            ids = torch.cat([ids, token[:, None]], dim=1)
+            logits = full_forward_logits(model, ids, mask)
     generated = torch.stack(steps, dim=1).tolist()  # (B, N)
     completions, ended = [], []
     for row in generated:

@@ -35,6 +35,7 @@ from distill.loss.terms import (
     sparse_term_sums,
     term_sums,
 )
+from distill.models.last_position import last_position
 from distill.training.cross_teacher import CrossCachedTeacher, CrossTokenizerTeacher, Retokenizer
 
 Terms = tuple[torch.Tensor, dict[str, torch.Tensor]]
@@ -95,7 +96,7 @@ class LiveTeacher(_Objective):
             return self.model(
                 **model_inputs(batch),  # the student's positions and mask: the same context
                 output_hidden_states=self.states,
-                **({"logits_to_keep": 1} if only_states else {}),  # skips the (B, T, V) logits
+                **({"logits_to_keep": last_position(batch["input_ids"])} if only_states else {}),  # skips the (B, T, V) logits
             )
 
     def logit_terms(self, s_out, t_out, batch, weights) -> Terms:
