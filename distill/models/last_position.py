@@ -6,8 +6,8 @@ or a tensor of positions (an index, whose result is contiguous). The int is a tr
 bf16 when the weight needs no gradient (a frozen teacher, the bf16 sampling copy): torch's
 linear on the strided (B, 1, D) slice goes the batched-matmul way and expands the lm_head
 weight to (B, D, V), a copy of B x the weight (measured at SmolLM2's shape, B 4: 189 ms and
-226 MB against 3 ms for the contiguous rows). The tensor [-1] keeps the
-same position and gives the same logits.
+226 MB against 3 ms for the contiguous rows). The tensor [-1] keeps the same position and
+gives the same logits.
 """
 
 import torch

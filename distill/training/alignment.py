@@ -68,11 +68,12 @@ class Probe:
         was_training = model.training
         model.eval()
         device = next(model.parameters()).device
+        input_ids = self.input_ids.to(device)
         out = model(
-            input_ids=self.input_ids.to(device),
+            input_ids=input_ids,
             attention_mask=self.attention_mask.to(device),
             output_hidden_states=True,
-            logits_to_keep=last_position(self.input_ids),
+            logits_to_keep=last_position(input_ids),  # on the model's device
         )
         model.train(was_training)
         mask = self.mask.to(device)
