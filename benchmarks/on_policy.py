@@ -17,7 +17,9 @@ tokens forced.
 distill's rows (--distill-rows) add one lever each to the row above, as
 benchmarks/real_step.py's do: `distill` (fp32 everything), `+ bf16 sampling`
 (on_policy.sample_dtype: bfloat16), `+ teacher bf16` (teacher.dtype: bfloat16), `+ frozen
-embeddings` (train.freeze_embeddings). With --trl-same-settings each TRL trainer also runs
+embeddings` (train.freeze_embeddings), `+ overlapped rollouts` (on_policy.overlap: the next
+step's rollout in a thread during this step's scoring and update; the rollout column is
+then what the step waited for it). With --trl-same-settings each TRL trainer also runs
 with what of the last distill row it can take (a bf16 teacher, frozen embeddings) and
 glibc's malloc set as distill sets it on CPU (distill.training.host_memory, through the
 MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ environment), so its best setting is shown.
@@ -56,6 +58,7 @@ DISTILL_ROWS = {  # row: the lever it adds to the row above
     "+ bf16 sampling": "bf16_sampling",
     "+ teacher bf16": "teacher_bf16",
     "+ frozen embeddings": "frozen_embeddings",
+    "+ overlapped rollouts": "overlap",
 }
 
 
@@ -173,6 +176,7 @@ def ours_tree(args, paths: dict, out: Path, levers: frozenset[str] = frozenset()
         "on_policy": {
             "lmbda": 1.0, "max_new_tokens": args.new_tokens, "min_new_tokens": args.new_tokens, "temperature": 1.0,
             "sample_dtype": "bfloat16" if "bf16_sampling" in levers else "float32",
+            "overlap": "overlap" in levers,
         },
         "features": {"probe_examples": 0},
         "out_dir": str(out),
@@ -189,8 +193,10 @@ def run_ours(tree: dict, gpu: bool, warmup: int) -> dict:
     metrics = [json.loads(line) for line in (Path(tree["out_dir"]) / "metrics.jsonl").read_text().splitlines()]
     timed = metrics[warmup:]
     med = statistics.median(m["step_s"] for m in timed)
-    share = {k: statistics.median(m[k] for m in timed) for k in ("rollout_s", "teacher_s")}
-    share["update_s"] = statistics.median(m["step_s"] - m["rollout_s"] - m["teacher_s"] for m in timed)
+    waited = [m.get("rollout_wait_s", m["rollout_s"]) for m in timed]  # overlapped: what the step waited for
+    share = {"rollout_s": statistics.median(waited), "teacher_s": statistics.median(m["teacher_s"] for m in timed)}
+    share["update_s"] = statistics.median(m["step_s"] - w - m["teacher_s"] for m, w in zip(timed, waited))
+    share["rollout_ahead_s"] = statistics.median(m["rollout_s"] for m in timed)  # the rollout itself
     return {
         "trainer": "distill", "s_per_step": med, "samples_per_s": tree["train"]["micro_batch_size"] / med,
         "gen_tokens_per_step": statistics.median(m["generated_tokens"] for m in timed),

@@ -24,6 +24,12 @@ joined into rows of up to 250 tokens as in issue 21's measurement). Rows of the 
                          (distill.training.host_memory) and the fused loss's chunks sized to
                          be reused (fused.CHUNK_LOGITS_CPU); before it, 2**25-logit chunks
     + student bf16       train.precision: bf16 (autocast of the student's forward)
+    recommended + teacher cache
+                         the "+ host memory" row (the recommended settings) with the teacher
+                         read from a `distill cache` of the same data (top --cache-top-k ids a
+                         token, sparse divergence) instead of run each step; the cache is
+                         written once before the rows, in a process of its own, and the
+                         table says what it saves over a run of --run-steps steps
 
 Each row adds its lever to the row above. Every row runs in its own process, so its peak RSS
 is its own; s/step and tokens/s (real tokens, padding not counted) are the median over the
@@ -63,19 +69,27 @@ LEVERS = {  # row name: the lever it adds to the row above
     "+ host memory": "host_memory",
     "+ student bf16": "student_bf16",
 }
-ROWS = ("plain", "plain, host memory", *LEVERS)
+CACHE_ROW = "recommended + teacher cache"  # the "+ host memory" row with its teacher read from `distill cache`
+ROWS = ("plain", "plain, host memory", *LEVERS, CACHE_ROW)
 
 
 def levers_of(row: str) -> set[str]:
-    """The levers a row has on: its own and every one above it."""
+    """The levers a row has on: its own and every one above it (the cache row: the
+    recommended settings' and the cache)."""
+    if row == CACHE_ROW:
+        return levers_of("+ host memory") | {"teacher_cache"}
     names = list(LEVERS)
     return {LEVERS[n] for n in names[: names.index(row) + 1] if LEVERS[n]}
 
 
-def distill_config(student: Path, train: Path, out: Path, levers: set[str], steps: int):
+def distill_config(student: Path, train: Path, out: Path, levers: set[str], steps: int, cache: Path | None = None):
     from distill.config import build_config
 
-    return build_config({
+    return build_config(distill_tree(student, train, out, levers, steps, cache))
+
+
+def distill_tree(student: Path, train: Path, out: Path, levers: set[str], steps: int, cache: Path | None = None) -> dict:
+    return {
         "student": {"name": str(student)},
         "teacher": {"name": real_llm.SMOL, "dtype": "bfloat16" if "teacher_bf16" in levers else "float32"},
         "data": {"source": str(train), "max_length": 256, "truncate": True, "packing": "packing" in levers, "n_test": 8,
@@ -85,8 +99,38 @@ def distill_config(student: Path, train: Path, out: Path, levers: set[str], step
                   "freeze_embeddings": "frozen_embeddings" in levers,
                   "precision": "bf16" if "student_bf16" in levers else "fp32"},
         "eval": {"text_generations": 0},
+        "teacher_cache": str(cache) if "teacher_cache" in levers else None,
         "out_dir": str(out),
-    })  # fmt: skip
+    }  # fmt: skip
+
+
+def write_cache(work: Path, rows: Path, steps: int, top_k: int) -> dict:
+    """`distill cache` over the cache row's training data, in a process of its own: its wall
+    seconds, peak RSS, tokens and bytes."""
+    import yaml
+
+    config = work / "cache.yaml"
+    tree = distill_tree(work / "inits" / "uniform", rows, work / "runs" / "cache", levers_of(CACHE_ROW) - {"teacher_cache"}, steps)
+    config.write_text(yaml.safe_dump(tree))
+    out = work / "cache"
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [sys.executable, "-m", "distill", "cache", str(config), "--out", str(out), "--top-k", str(top_k), "--batch-size", "4"]
+    cmd = [sys.executable, "-c", CHILD_RSS, *cmd]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    seconds = time.perf_counter() - t0
+    if proc.returncode != 0:
+        sys.exit(f"distill cache failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}")
+    summary = json.loads(proc.stdout[proc.stdout.index("{") : proc.stdout.rindex("}") + 1])
+    rss = float(proc.stderr.strip().splitlines()[-1].removeprefix("PEAK_RSS_MIB "))
+    return {"seconds": seconds, "peak_rss_mib": rss, "tokens": summary["tokens"], "bytes": summary["bytes"], "top_k": top_k}
+
+
+# Runs the command given after it as a child and prints that child's peak RSS on stderr.
+CHILD_RSS = (
+    "import resource, subprocess, sys; rc = subprocess.run(sys.argv[1:]).returncode; "
+    "print(f'PEAK_RSS_MIB {resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}', file=sys.stderr); sys.exit(rc)"
+)
 
 
 class Clock:
@@ -126,7 +170,8 @@ def profile_distill(row: str, work: Path, rows: Path, steps: int) -> dict:
 
         setup_mod.keep_freed_memory = lambda: False
         fused.CHUNK_LOGITS_CPU = fused.CHUNK_LOGITS
-    cfg = distill_config(work / "inits" / "uniform", rows, work / "runs" / row.replace(" ", "_"), levers, steps)
+    out = work / "runs" / row.replace(" ", "_")
+    cfg = distill_config(work / "inits" / "uniform", rows, out, levers, steps, work / "cache")
     shutil.rmtree(cfg.out_dir, ignore_errors=True)  # a fresh run each time
     run = setup(cfg, resume=False)
     clock = Clock()
@@ -223,8 +268,9 @@ def prepare(work: Path, rows: str) -> Path:
     return path
 
 
-def table(results: dict[str, dict]) -> None:
-    """The markdown table (each row's "timed" steps) and the loss curves beside each other."""
+def table(results: dict[str, dict], cache: dict | None = None, run_steps: int = 200) -> None:
+    """The markdown table (each row's "timed" steps), the loss curves beside each other, and
+    with the cache row what the cache saves over a whole run of `run_steps` steps."""
     med = lambda xs: statistics.median(xs)
     base = None
     print("\n| setting | s/step | tokens/s | vs plain | peak RSS | " + " | ".join(PHASES) + " |")
@@ -236,6 +282,18 @@ def table(results: dict[str, dict]) -> None:
         ratio = f"{tps / base:.2f}x" if base else ""
         phases = " | ".join(f"{med([s['phases'][p] for s in steps]):.2f}" for p in PHASES)
         print(f"| {row} | {med([s['s'] for s in steps]):.2f} | {tps:.0f} | {ratio} | {r['peak_rss_mib']:,.0f} MiB | {phases} |")
+    live = results.get("+ host memory")
+    if cache is not None and live is not None and CACHE_ROW in results:
+        s_live, s_cache = (med([s["s"] for s in results[r]["timed"]]) for r in ("+ host memory", CACHE_ROW))
+        print(
+            f"\nteacher cache, end to end for {run_steps} steps: live teacher {run_steps * s_live:.0f} s; cache "
+            f"{cache['seconds']:.0f} s (top-{cache['top_k']}, {cache['tokens']:,} tokens, {cache['bytes'] / 2**20:.0f} MiB, "
+            f"peak RSS {cache['peak_rss_mib']:,.0f} MiB) + {run_steps * s_cache:.0f} s of steps = "
+            f"{cache['seconds'] + run_steps * s_cache:.0f} s: {run_steps * s_live / (cache['seconds'] + run_steps * s_cache):.2f}x"
+        )
+        if s_live > s_cache:
+            print(f"the cache pays for itself after {cache['seconds'] / (s_live - s_cache):.0f} steps; "
+                  f"each further student of a sweep on the same data saves {run_steps * (s_live - s_cache):.0f} s")  # fmt: skip
     rows = list(results)
     for row in ("+ teacher bf16", "+ host memory", "+ student bf16"):
         if row in results and rows.index(row) > 0:
@@ -257,6 +315,8 @@ def main() -> None:
     ap.add_argument("--rows", nargs="+", default=list(ROWS), choices=ROWS, metavar="ROW", help=f"of {ROWS}")
     ap.add_argument("--data", choices=["paragraphs", "joined"], default="paragraphs",
                     help="rows: the training text's paragraphs, or paragraphs joined into rows of up to 250 tokens")  # fmt: skip
+    ap.add_argument("--cache-top-k", type=int, default=32, help="teacher ids per token in the cache row's cache")
+    ap.add_argument("--run-steps", type=int, default=200, help="steps of the whole run the cache's end-to-end line is for")
     ap.add_argument("--one", choices=ROWS, help=argparse.SUPPRESS)  # the child process of one row
     ap.add_argument("--rows-file", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -272,6 +332,10 @@ def main() -> None:
         f"rows: {args.data} ({rows_file}), {args.steps} steps, medians over steps {args.warmup + 1}..{args.steps}"
         f" of {args.repeats} run(s)"
     )
+    cache = None
+    if CACHE_ROW in args.rows:  # once, before any row: the cache row reads it
+        cache = write_cache(args.work, rows_file, args.steps, args.cache_top_k)
+        print(f"distill cache: {cache['seconds']:.1f} s for {cache['tokens']:,} tokens, peak RSS {cache['peak_rss_mib']:,.0f} MiB")
     results: dict[str, dict] = {}
     for repeat, row in itertools.product(range(args.repeats), args.rows):
         cmd = [
@@ -297,7 +361,7 @@ def main() -> None:
         else:
             results[row] = {**got, "timed": got["steps"][args.warmup :]}
         print(f"{row} ({repeat + 1}/{args.repeats}): done", flush=True)
-    table(results)
+    table(results, cache, args.run_steps)
 
 
 if __name__ == "__main__":

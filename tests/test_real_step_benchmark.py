@@ -33,6 +33,22 @@ def test_each_row_adds_one_lever_to_the_row_above(tmp_path):
     assert (cfg.train.lr, cfg.train.micro_batch_size, cfg.train.fused_optimizer, cfg.data.max_length) == (2e-4, 4, True, 256)
 
 
+def test_cache_row_is_the_recommended_row_reading_the_cache(tmp_path):
+    """The cache row: every lever of "+ host memory" and the teacher from WORK/cache; the
+    config `distill cache` is given is the same run without the cache (so the cache's data
+    and teacher match the run that reads it)."""
+    recommended = real_step.levers_of("+ host memory")
+    assert real_step.levers_of(real_step.CACHE_ROW) == recommended | {"teacher_cache"}
+    args = (tmp_path / "s", tmp_path / "rows.jsonl", tmp_path / "run")
+    cfg = real_step.distill_config(*args, real_step.levers_of(real_step.CACHE_ROW), 12, tmp_path / "cache")
+    assert cfg.teacher_cache == str(tmp_path / "cache") and cfg.teacher.dtype == "bfloat16"
+    assert real_step.distill_config(*args, recommended, 12, tmp_path / "cache").teacher_cache is None
+    tree = real_step.distill_tree(*args, real_step.levers_of(real_step.CACHE_ROW) - {"teacher_cache"}, 12)
+    assert {**tree, "teacher_cache": str(tmp_path / "cache")} == real_step.distill_tree(
+        *args, real_step.levers_of(real_step.CACHE_ROW), 12, tmp_path / "cache"
+    )
+
+
 def _tiny(seed: int) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,

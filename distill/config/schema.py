@@ -339,6 +339,17 @@ class OnPolicyConfig(Section):
     deterministic and resume exactly, and 2 processes equal 1 only within bf16 rounding
     (a row's draws can differ where another batch shape rounds differently). Not with
     train.sharding: fsdp."""
+    overlap: bool = False
+    """Sample the next on-policy step's completions in a background thread while this step
+    trains: a one-step policy lag (those samples come from the weights of the start of
+    this step, not of theirs; metrics.jsonl's policy_step names the step whose weights
+    sampled). Rollouts then read a copy of the weights (sample_dtype's: with float32 one
+    more float32 student in memory), refreshed before each rollout starts. Runs stay
+    deterministic, and 2 processes equal 1 as without it. Traded: a resume is not the
+    uninterrupted run (its first rollout has no step before it to come from, so it samples
+    with the resumed weights). Pays where the rollout and the update do not compete for
+    the same units (a GPU with idle capacity while decoding); on CPU they share the cores
+    (docs/results.md measures it). Not with train.sharding: fsdp."""
 
 
 class RationaleConfig(Section):

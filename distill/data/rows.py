@@ -260,3 +260,11 @@ def micro_batches(
     """
     chunks = [indices[i : i + micro_batch_size] for i in range(0, len(indices), micro_batch_size)]
     return chunks[rank::world_size]
+
+
+def step_micro_batches(
+    step: int, n_examples: int, micro_batch_size: int, grad_accum: int, seed: int, rank: int, world_size: int
+) -> list[list[int]]:
+    """This process's micro-batches of optimizer step `step` (example indices)."""
+    indices = global_batch_indices(step, n_examples, micro_batch_size * grad_accum * world_size, seed)
+    return micro_batches(indices, rank, world_size, micro_batch_size)

@@ -24,6 +24,7 @@ from distill.data.teacher_cache import (
     tokenizer_hash,
 )
 from distill.errors import DistillError
+from distill.loss.fused import auto_chunk_size
 from distill.loss.token_losses import IGNORE_INDEX
 from distill.models.build import build_model, build_tokenizer, model_id
 from distill.models.loading import count_parameters
@@ -32,6 +33,7 @@ from distill.pipeline.chat_client import ServerSettings
 from distill.pipeline.served_cache import served_topk
 from distill.progress import Progress
 from distill.training.cross_teacher import Retokenizer
+from distill.training.host_memory import keep_freed_memory
 
 
 @torch.no_grad()
@@ -51,19 +53,40 @@ def teacher_topk(
         chosen = order[start : start + batch_size]
         batch = collate([examples[i] for i in chosen], pad_id)
         inputs = model_inputs({k: v.to(device) for k, v in batch.items()})  # packed blocks: per-row attention
-        logits = teacher(**inputs).logits[:, :-1, :vocab]  # (B, T-1, V)
-        valid = (batch["labels"][:, 1:] != IGNORE_INDEX).to(device)  # (B, T-1)
-        log_p = torch.log_softmax(logits[valid].float() / temperature, dim=-1)  # (n, V) rows in batch order
-        top = log_p.topk(k, dim=-1)  # (n, k) best first
-        if k < vocab:
-            rest = log_p.scatter_(-1, top.indices, -torch.inf).logsumexp(-1)  # (n,)
-        else:
-            rest = torch.full((log_p.shape[0],), -torch.inf, device=device)
+        logits = teacher(**inputs).logits  # (B, T, V') in the teacher's dtype
+        b, t = logits.shape[:2]
+        valid = torch.zeros(b, t, dtype=torch.bool, device=device)
+        valid[:, :-1] = batch["labels"][:, 1:] != IGNORE_INDEX  # position t predicts target t + 1
+        rows = valid.flatten().nonzero().squeeze(1)  # (n,) flat positions, in batch order
+        ids, values, rest = topk_of_rows(logits.reshape(b * t, -1), rows, vocab, k, temperature)
         counts = valid.sum(1).tolist()  # targets per row
-        parts = zip(top.indices.cpu().split(counts), top.values.cpu().split(counts), rest.cpu().split(counts))
+        parts = zip(ids.cpu().split(counts), values.cpu().split(counts), rest.cpu().split(counts))
         for i, part in zip(chosen, parts):
             per_example[i] = part
     return tuple(torch.cat([p[j] for p in per_example]) for j in range(3))  # type: ignore[return-value]
+
+
+def topk_of_rows(
+    logits: torch.Tensor, rows: torch.Tensor, vocab: int, k: int, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ids (n, k), log-probs (n, k) and log of the mass outside them (n,) of
+    log_softmax(logits[rows, :vocab] / T), a few rows at a time: each step's fp32 (rows, V)
+    buffers stay under CHUNK_LOGITS_CPU values on CPU (reused from the heap, not faulted in
+    afresh: `distill.training.host_memory`) instead of one (n, V) copy of the whole batch."""
+    step = auto_chunk_size(vocab, logits.device)
+    out = []
+    for lo in range(0, rows.numel(), step):
+        log_p = torch.log_softmax(logits.index_select(0, rows[lo : lo + step])[:, :vocab].float() / temperature, dim=-1)
+        top = log_p.topk(k, dim=-1)  # (c, k) best first
+        if k < vocab:
+            rest = log_p.scatter_(-1, top.indices, -torch.inf).logsumexp(-1)  # (c,)
+        else:
+            rest = torch.full((log_p.shape[0],), -torch.inf, device=logits.device)
+        out.append((top.indices, top.values, rest))
+    if not out:
+        empty = logits.new_empty(0, k, dtype=torch.float32)
+        return empty.long(), empty, empty[:, 0]
+    return tuple(torch.cat(part) for part in zip(*out))  # type: ignore[return-value]
 
 
 class CacheWriter:
@@ -220,6 +243,8 @@ def write_teacher_cache(
         else:
             teacher = build_model(cfg.teacher, tokenizer, "teacher", seeds.teacher_init(cfg.train.seed))
             device = torch.device("cuda" if torch.cuda.is_available() and cfg.train.device == "auto" else "cpu")
+            if device.type == "cpu":
+                keep_freed_memory()  # the (rows, V) buffers of every batch come from the heap
             teacher.to(device).eval()
             params = count_parameters(teacher)
 

@@ -75,21 +75,23 @@ def check_prompts(examples: list[Example], max_new_tokens: int, max_length: int)
 
 class Sampler:
     """The model rollouts run on: the student itself (on_policy.sample_dtype float32), or a
-    bf16 copy of its weights, made once and refreshed from the student before each rollout.
-    Only parameters are cast: buffers (rotary frequencies) stay as the student has them."""
+    copy of its weights in the sample dtype (bf16; or float32 with `keep_copy`, for rollouts
+    that run while the student trains), made once and refreshed from the student before
+    each rollout. Only parameters are cast: buffers (rotary frequencies) stay as the student
+    has them."""
 
-    def __init__(self, dtype: str):
-        self.dtype, self.copy = dtype, None
+    def __init__(self, dtype: str, keep_copy: bool = False):
+        self.dtype, self.keep_copy, self.copy = dtype, keep_copy, None
 
     @torch.no_grad()
     def __call__(self, model):
-        if self.dtype == "float32":
+        if self.dtype == "float32" and not self.keep_copy:
             return model
         if self.copy is None:
             self.copy = copy.deepcopy(model).eval()
             for p in self.copy.parameters():
                 p.requires_grad_(False)
-                p.data = p.data.to(torch.bfloat16)
+                p.data = p.data.to(getattr(torch, self.dtype))
         else:
             for mine, theirs in zip(self.copy.parameters(), model.parameters(), strict=True):
                 mine.copy_(theirs)

@@ -100,6 +100,8 @@ def make_accelerator(cfg: RunConfig) -> Accelerator:
         )
     if wanted(cfg, acc) and cfg.on_policy.lmbda > 0 and cfg.on_policy.sample_dtype != "float32":
         raise DistillError("on_policy.sample_dtype: bfloat16 is not built for train.sharding: fsdp; use float32 there")
+    if wanted(cfg, acc) and cfg.on_policy.lmbda > 0 and cfg.on_policy.overlap:
+        raise DistillError("on_policy.overlap: true is not built for train.sharding: fsdp (a gathered student per rollout); set it false")
     return acc
 
 
@@ -192,7 +194,7 @@ def setup(cfg: RunConfig, resume: bool) -> Run:
     teacher = build_teacher_source(cfg, vocab, teacher_model, cache, plain_student, fused, bool(terms), retok)
     return Run(
         cfg=cfg, acc=acc, run_dir=run_dir, student=student, tokenizer=tokenizer, teacher=teacher,
-        source=build_batch_source(cfg, task_examples, acc, student, tokenizer, timer(acc)), terms=terms,
+        source=build_batch_source(cfg, task_examples, acc, student, tokenizer, timer(acc), len(examples)), terms=terms,
         projectors=projectors, optimizer=optimizer, scheduler=scheduler, n_examples=len(examples),
         task_weights=task_weights(cfg.rationale), probe=probe, start=start, last_checkpoint=last,
         n_params=count_parameters(plain_student),

@@ -14,7 +14,7 @@ import time
 import torch
 
 from distill.data.rationale import TASK_NAMES
-from distill.data.rows import collate, global_batch_indices, micro_batches
+from distill.data.rows import collate, step_micro_batches
 from distill.errors import DistillError
 from distill.loss.token_losses import IGNORE_INDEX
 from distill.training import sharding
@@ -107,9 +107,9 @@ def train_step(run: Run, step: int) -> tuple[dict, int]:
     """Optimizer step `step` (0-based). Returns its metrics.jsonl record and the tokens it
     read over all processes."""
     t0, t, acc = time.perf_counter(), run.cfg.train, run.acc
-    global_batch = t.micro_batch_size * t.grad_accum * acc.num_processes
-    indices = global_batch_indices(step, run.n_examples, global_batch, t.seed)
-    mbs = micro_batches(indices, acc.process_index, acc.num_processes, t.micro_batch_size)
+    mbs = step_micro_batches(
+        step, run.n_examples, t.micro_batch_size, t.grad_accum, t.seed, acc.process_index, acc.num_processes
+    )
     got = run.source.step_examples(step, [i for mb in mbs for i in mb])
     record = dict(got.record)
     batches = step_batches(run, mbs, got)

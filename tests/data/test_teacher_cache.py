@@ -65,6 +65,22 @@ def test_cache_holds_the_teachers_top_k(tiny_tree, tmp_path):
     assert tokens == sum(int((torch.tensor(e.labels[1:]) != IGNORE_INDEX).sum()) for e in examples)
 
 
+def test_top_k_taken_a_few_rows_at_a_time_is_the_same_cache(tiny_tree, tmp_path, monkeypatch):
+    """The (rows, V) buffers are bounded (`topk_of_rows`); chunks of 3 rows (across example
+    boundaries) write the same shards as chunks larger than the batch."""
+    import distill.pipeline.cache as cache_mod
+
+    tiny_tree["data"]["n_train"] = 20
+    monkeypatch.setattr(cache_mod, "auto_chunk_size", lambda vocab, device: 10_000)
+    write(tiny_tree, tmp_path / "whole", k=5)
+    monkeypatch.setattr(cache_mod, "auto_chunk_size", lambda vocab, device: 3)
+    write(tiny_tree, tmp_path / "chunked", k=5)
+    for whole, chunked in zip(shard_tensors(tmp_path / "whole"), shard_tensors(tmp_path / "chunked"), strict=True):
+        assert whole.keys() == chunked.keys()
+        for key in whole:
+            assert torch.equal(whole[key], chunked[key]), key
+
+
 def test_training_from_a_full_cache_equals_the_live_teacher(tiny_tree, tmp_path):
     """With k = V the sparse divergence is the dense one: same metrics as the live teacher."""
     tiny_tree["objective"]["fused"] = False

@@ -137,11 +137,14 @@ def test_accelerates_fsdp_plugin_stops_with_the_setting_to_use(tiny_tree, monkey
     assert not Path(tiny_tree["out_dir"]).exists()
 
 
-def test_bf16_sampling_with_fsdp_is_refused_before_anything_runs(tiny_tree, monkeypatch):
+def test_bf16_sampling_and_overlap_with_fsdp_are_refused_before_anything_runs(tiny_tree, monkeypatch):
     from accelerate import Accelerator
 
     tiny_tree["train"]["sharding"] = "fsdp"
     tiny_tree["on_policy"] = {"lmbda": 1.0, "sample_dtype": "bfloat16"}
     monkeypatch.setattr(Accelerator, "num_processes", property(lambda self: 2))  # as under torchrun
     with pytest.raises(DistillError, match="on_policy.sample_dtype: bfloat16 is not built for train.sharding: fsdp"):
+        setup_mod.make_accelerator(build_config(tiny_tree))
+    tiny_tree["on_policy"] = {"lmbda": 1.0, "overlap": True}
+    with pytest.raises(DistillError, match="on_policy.overlap: true is not built for train.sharding: fsdp"):
         setup_mod.make_accelerator(build_config(tiny_tree))

@@ -147,23 +147,27 @@ def test_fused_path_trains_like_the_naive_path(tiny_tree, tmp_path, name):
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("feature_weight", "lmbda", "mode"),
-    [(0.0, 0.0, "completion"), (0.5, 0.0, "completion"), (0.0, 0.5, "completion"), (0.0, 0.0, "multitask")],
-)
-def test_two_processes_match_one(tiny_tree, tmp_path, feature_weight, lmbda, mode):
+    ("feature_weight", "lmbda", "mode", "overlap"),
+    [
+        (0.0, 0.0, "completion", False), (0.5, 0.0, "completion", False), (0.0, 0.5, "completion", False),
+        (0.0, 0.0, "multitask", False), (0.0, 0.5, "completion", True),
+    ],
+)  # fmt: skip
+def test_two_processes_match_one(tiny_tree, tmp_path, feature_weight, lmbda, mode, overlap):
     """DDP over 2 CPU processes (gloo) takes the same steps as one process, same global batch
     (with the feature term: the projectors are a second DDP model; on-policy: every rank
-    makes the same lambda draw, and each row's sample depends on its own seed only;
-    multitask: each task's valid tokens are counted over both processes)."""
+    makes the same lambda draw, and each row's sample depends on its own seed only, also
+    when sampled ahead in a thread; multitask: each task's valid tokens are counted over
+    both processes)."""
     tiny_tree["features"] = {"weight": feature_weight}
-    tiny_tree["on_policy"] = {"lmbda": lmbda, "max_new_tokens": 12}
+    tiny_tree["on_policy"] = {"lmbda": lmbda, "max_new_tokens": 12, "overlap": overlap}
     tiny_tree["rationale"] = {"mode": mode, "weight": 0.7}
     one, two = copy.deepcopy(tiny_tree), copy.deepcopy(tiny_tree)
     one["out_dir"], two["out_dir"] = str(tmp_path / "one"), str(tmp_path / "two")
     one["train"].update(micro_batch_size=4, grad_accum=2)
     two["train"].update(micro_batch_size=4, grad_accum=1)
     _train(one)
-    port = 29517 + int(feature_weight * 10) + int(lmbda * 100) + 7 * (mode == "multitask")
+    port = 29517 + int(feature_weight * 10) + int(lmbda * 100) + 7 * (mode == "multitask") + 3 * overlap
     train_in_two_processes(two, tmp_path / "two.yaml", port)
     m1, m2 = read_metrics(one["out_dir"]), read_metrics(two["out_dir"])
     assert len(m2) == len(m1) == tiny_tree["train"]["steps"]

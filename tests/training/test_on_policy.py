@@ -215,3 +215,76 @@ def test_bf16_sampling_keeps_1x8_equal_to_8x1(tiny_tree, tmp_path):
     for x, y in zip(*runs):
         assert x["generated_tokens"] == y["generated_tokens"]
         assert x["loss"] == pytest.approx(y["loss"], abs=1e-5, rel=0)
+
+
+def test_overlap_samples_with_the_weights_of_the_step_before(tiny_tree, tmp_path):
+    """on_policy.overlap: step 1's samples are drawn in a thread during step 0 from a copy
+    of the weights of step 0's start; the update of step 0 does not reach them."""
+    from distill.training.resume import release_run_dir
+    from distill.training.setup import setup
+
+    tree = _on_policy(tiny_tree, temperature=1.0, overlap=True)
+    cfg = build_config(tree)
+    run = setup(cfg, resume=False)
+    try:
+        source, student = run.source, run.acc.unwrap_model(run.student)
+        before = copy.deepcopy(student).eval()  # the weights of step 0's start
+        first = source.step_examples(0, source.indices_of(0))
+        assert first.record["policy_step"] == 0 and source.ahead.step == 1
+        with torch.no_grad():
+            for p in student.parameters():  # step 0's update, while step 1 is being sampled
+                p.add_(torch.randn_like(p) * 0.5)
+        got = source.step_examples(1, source.indices_of(1))
+        assert got.record["policy_step"] == 0 and got.record["rollout_wait_s"] >= 0
+        examples, indices = source.dataset.task_examples[0], source.indices_of(1)
+        tok = run.tokenizer
+        want, _ = sample_examples(before, examples, indices, cfg.on_policy, tok.eos_token_id, tok.pad_token_id, cfg.train.seed, 1)
+        now, _ = sample_examples(student.eval(), examples, indices, cfg.on_policy, tok.eos_token_id, tok.pad_token_id, cfg.train.seed, 1)
+        assert [got.tasks[0][i].input_ids for i in indices] == [e.input_ids for e in want]
+        assert [e.input_ids for e in now] != [e.input_ids for e in want]  # the update would have changed them
+        with pytest.raises(DistillError, match="step 3 was sampled ahead for other examples"):
+            source.step_examples(2, source.indices_of(2)[::-1])
+    finally:
+        release_run_dir(cfg.out_dir)
+
+
+def test_overlap_run_lags_one_step_and_is_otherwise_the_same_run(tiny_tree, tmp_path, monkeypatch):
+    """With the weights never changing (lr 1e-30) the overlapped run is the plain on-policy run
+    bit for bit; policy_step records the lag (the run's first step has none); lambda < 1
+    samples ahead only for steps that draw on-policy."""
+    runs, calls = {}, {False: 0, True: 0}
+    real = on_policy_mod.rollout
+    for overlap in (False, True):
+
+        def counting(*args, overlap=overlap, **kwargs):
+            calls[overlap] += 1
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(on_policy_mod, "rollout", counting)
+        tree = _on_policy(tiny_tree, temperature=1.0, overlap=overlap)
+        tree["on_policy"]["lmbda"] = 0.5
+        tree["train"].update(steps=8, lr=1e-30, warmup_steps=0)  # updates below float32 resolution
+        tree["out_dir"] = str(tmp_path / str(overlap))
+        train(build_config(tree), show_progress=False)
+        runs[overlap] = read_metrics(tree["out_dir"])
+    plain, ahead = runs[False], runs[True]
+    on = [m["step"] - 1 for m in plain if m["on_policy"]]
+    assert 2 <= len(on) < 8  # both kinds of step
+    assert calls[True] == calls[False] == len(on)  # nothing sampled for an off-policy step
+    assert [m.get("generated_tokens") for m in ahead] == [m.get("generated_tokens") for m in plain]
+    assert [m["loss"] for m in ahead] == [m["loss"] for m in plain]
+    lags = [m["step"] - 1 - m["policy_step"] for m in ahead if m["on_policy"]]
+    assert lags == [0 if step == 0 else 1 for step in on]  # sampled during the step before, on-policy or not
+    assert all("rollout_wait_s" in m for m in ahead if m["on_policy"])
+
+
+def test_overlap_resumes_with_the_resumed_weights(tiny_tree, tmp_path, monkeypatch):
+    """The trade config.md names: a resumed overlapped run samples its first step with the
+    resumed weights (no lag), then lags again; it finishes like any run."""
+    tree = _on_policy(tiny_tree, temperature=1.0, overlap=True)
+    tree["train"].update(steps=6, checkpoint_every=3)
+    crash_at(monkeypatch, 5, lambda: train(build_config(tree), show_progress=False))
+    train(build_config(tree), resume=True, show_progress=False)
+    metrics = read_metrics(tree["out_dir"])
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4, 5, 6]
+    assert [m["policy_step"] for m in metrics] == [0, 0, 1, 3, 3, 4]
