@@ -64,15 +64,16 @@ class OnPolicySource:
     def is_on_policy(self, step: int) -> bool:
         return step < self.cfg.train.steps and is_on_policy_step(self.cfg.train.seed, step, self.cfg.on_policy.lmbda)
 
-    def sample(self, model, step: int, indices: list[int]) -> tuple[list[Example], Rollout, float]:
-        """The examples at `indices` with completions sampled by `model`, the rollout, its seconds."""
-        t0, tok = time.perf_counter(), self.tokenizer
+    def sample(self, model, step: int, indices: list[int], seconds=None) -> tuple[list[Example], Rollout, float]:
+        """The examples at `indices` with completions sampled by `model`, the rollout, its
+        seconds (by `seconds(since)`; default: the loop's timer, after the device's work)."""
+        t0, tok, seconds = time.perf_counter(), self.tokenizer, seconds or self.timer
         with self.acc.autocast():
             sampled, done = sample_examples(
                 model, self.dataset.task_examples[0], indices, self.cfg.on_policy,
                 tok.eos_token_id, tok.pad_token_id, self.cfg.train.seed, step,
             )
-        return sampled, done, self.timer(t0)
+        return sampled, done, seconds(t0)
 
     def step_examples(self, step: int, indices: list[int]) -> StepExamples:
         got = None
@@ -94,7 +95,7 @@ class OnPolicySource:
             got = StepExamples([dict(zip(indices, sampled))], on_policy=True, record=record)
         if self.ahead is not None and self.is_on_policy(step + 1):  # sampled with this step's start weights
             model = self.sampler(self.acc.unwrap_model(self.student))
-            self.ahead.start(step + 1, self.indices_of(step + 1), lambda idx: self.sample(model, step + 1, idx))
+            self.ahead.start(step + 1, self.indices_of(step + 1), lambda idx, sec: self.sample(model, step + 1, idx, sec))
         return got or StepExamples(self.dataset.task_examples, record={"on_policy": False})
 
 
@@ -117,12 +118,11 @@ class RolloutAhead:
 
     @staticmethod
     def _run(sample, indices: list[int], stream):
+        """sample(indices, seconds): timed by this stream's work alone, not the update's."""
         if stream is None:
-            return sample(indices)
+            return sample(indices, lambda since: time.perf_counter() - since)
         with torch.cuda.stream(stream):
-            out = sample(indices)
-        stream.synchronize()
-        return out
+            return sample(indices, lambda since: (stream.synchronize(), time.perf_counter() - since)[1])
 
     def result(self, indices: list[int]):
         if indices != self.indices:
