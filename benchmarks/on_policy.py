@@ -17,7 +17,9 @@ tokens forced.
 distill's rows (--distill-rows) add one lever each to the row above, as
 benchmarks/real_step.py's do: `distill` (fp32 everything), `+ bf16 sampling`
 (on_policy.sample_dtype: bfloat16), `+ teacher bf16` (teacher.dtype: bfloat16), `+ frozen
-embeddings` (train.freeze_embeddings), `+ overlapped rollouts` (on_policy.overlap: the next
+embeddings` (train.freeze_embeddings), `+ compiled decode` (on_policy.compile_decode: a
+static KV cache and a torch.compile'd decode step; compiled in the first warm-up step,
+whose time the `1st step` column shows), `+ overlapped rollouts` (on_policy.overlap: the next
 step's rollout in a thread during this step's scoring and update; the rollout column is
 then what the step waited for it). With --trl-same-settings each TRL trainer also runs
 with what of the last distill row it can take (a bf16 teacher, frozen embeddings) and
@@ -58,6 +60,7 @@ DISTILL_ROWS = {  # row: the lever it adds to the row above
     "+ bf16 sampling": "bf16_sampling",
     "+ teacher bf16": "teacher_bf16",
     "+ frozen embeddings": "frozen_embeddings",
+    "+ compiled decode": "compile_decode",
     "+ overlapped rollouts": "overlap",
 }
 
@@ -177,6 +180,7 @@ def ours_tree(args, paths: dict, out: Path, levers: frozenset[str] = frozenset()
             "lmbda": 1.0, "max_new_tokens": args.new_tokens, "min_new_tokens": args.new_tokens, "temperature": 1.0,
             "sample_dtype": "bfloat16" if "bf16_sampling" in levers else "float32",
             "overlap": "overlap" in levers,
+            "compile_decode": "compile_decode" in levers,
         },
         "features": {"probe_examples": 0},
         "out_dir": str(out),
@@ -202,7 +206,7 @@ def run_ours(tree: dict, gpu: bool, warmup: int) -> dict:
         "gen_tokens_per_step": statistics.median(m["generated_tokens"] for m in timed),
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if gpu else None,
-        "step_times": [m["step_s"] for m in timed], **share,
+        "step_times": [m["step_s"] for m in timed], "first_step_s": metrics[0]["step_s"], **share,
     }
 
 
@@ -288,7 +292,8 @@ def print_table(rows: list[dict], args) -> None:
     precision = "bf16 autocast" if args.gpu or args.bf16 else "fp32"
     print(f"\non-policy step, {device}, torch {torch.__version__}, {precision}: batch {args.batch}, {args.new_tokens} new tokens, "
           f"lmbda 1, JSD beta {args.beta}; median of {args.steps} steps after {args.warmup} warmup\n")
-    head = f"{'trainer':<28} {'s/step':>7} {'samples/s':>9} {'gen tok/s':>9} {'peak RSS':>9} {'peak GPU':>9}   rollout / scoring / update"
+    head = (f"{'trainer':<28} {'s/step':>7} {'samples/s':>9} {'gen tok/s':>9} {'peak RSS':>9} {'peak GPU':>9} {'1st step':>8}"
+            "   rollout / scoring / update")
     print(head + "\n" + "-" * len(head))
     for r in rows:
         label = r.get("label", r.get("trainer", "?"))
@@ -301,8 +306,9 @@ def print_table(rows: list[dict], args) -> None:
             s = r["s_per_step"]
             share = " / ".join(f"{100 * r[k] / s:.0f}%" for k in ("rollout_s", "teacher_s", "update_s"))
         tok_s = r["gen_tokens_per_step"] / r["s_per_step"]
+        first = f"{r['first_step_s']:.1f} s" if "first_step_s" in r else "-"
         print(f"{label:<28} {r['s_per_step']:>7.2f} {r['samples_per_s']:>9.3f} {tok_s:>9.1f} "
-              f"{r['peak_rss_gib']:>5.2f} GiB {gpu:>9}   {share}")
+              f"{r['peak_rss_gib']:>5.2f} GiB {gpu:>9} {first:>8}   {share}")
     best: dict[str, dict] = {}  # each TRL trainer's fastest row
     for r in rows:
         trl = r.get("trainer") not in (None, "distill") and "error" not in r

@@ -22,7 +22,8 @@ def test_each_distill_row_adds_one_lever_to_the_row_above(tmp_path):
         tree = on_policy.ours_tree(args, paths, tmp_path / "run", frozenset(on_policy.levers_of(row)))
         cfg = build_config(tree)
         return {"bf16_sampling": cfg.on_policy.sample_dtype == "bfloat16", "teacher_bf16": cfg.teacher.dtype == "bfloat16",
-                "frozen_embeddings": cfg.train.freeze_embeddings, "overlap": cfg.on_policy.overlap}  # fmt: skip
+                "frozen_embeddings": cfg.train.freeze_embeddings, "overlap": cfg.on_policy.overlap,
+                "compile_decode": cfg.on_policy.compile_decode}  # fmt: skip
 
     rows = list(on_policy.DISTILL_ROWS)
     assert not any(settings(rows[0]).values())

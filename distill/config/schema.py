@@ -350,6 +350,19 @@ class OnPolicyConfig(Section):
     with the resumed weights). Pays where the rollout and the update do not compete for
     the same units (a GPU with idle capacity while decoding); on CPU they share the cores
     (docs/results.md measures it). Not with train.sharding: fsdp."""
+    compile_decode: bool = False
+    """Decode rollouts into a static KV cache (the padded prompts plus max_new_tokens,
+    rounded up to a multiple of 64 slots) with the decode step compiled by torch.compile:
+    fixed shapes, so one compile per cache size and rollout batch size, made at the first
+    rollout that needs it (about 16 s on 2 CPU cores for SmolLM2's student). Rollouts then
+    read a frozen copy of the weights (sample_dtype's: with float32 one more float32
+    student in memory). Pays where the decode step's per-call overhead is a large share of
+    it; on CPU the step is bound by its matmuls and it gains little (docs/results.md
+    measures it). Samples equal the uncompiled path's within float rounding only
+    (attention sums over the cache's width), so a run with it is not bit-identical to one
+    without; runs stay deterministic, resume exactly, and 2 processes equal 1 within float
+    rounding, as with sample_dtype bfloat16. Models with sliding-window layers (gemma3)
+    use the static cache uncompiled (their mask changes shape every step). Not with train.sharding: fsdp."""
 
 
 class RationaleConfig(Section):

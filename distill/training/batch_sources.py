@@ -21,7 +21,7 @@ from distill.config import RunConfig
 from distill.data.rows import Example, step_micro_batches
 from distill.errors import DistillError
 from distill.training.on_policy import Sampler, is_on_policy_step, sample_examples
-from distill.training.rollout import Rollout
+from distill.training.rollout import Rollout, StaticDecode
 
 
 @dataclass
@@ -58,7 +58,9 @@ class OnPolicySource:
         self.indices_of = indices_of  # step -> this process's example indices
         t = cfg.train
         self.global_batch = t.micro_batch_size * t.grad_accum * acc.num_processes  # prompts per step, all processes
-        self.sampler = Sampler(cfg.on_policy.sample_dtype, keep_copy=cfg.on_policy.overlap)
+        op = cfg.on_policy
+        self.sampler = Sampler(op.sample_dtype, keep_copy=op.overlap or op.compile_decode)
+        self.static = StaticDecode() if op.compile_decode else None
         self.ahead = RolloutAhead(acc.device) if cfg.on_policy.overlap else None
 
     def is_on_policy(self, step: int) -> bool:
@@ -71,7 +73,7 @@ class OnPolicySource:
         with self.acc.autocast():
             sampled, done = sample_examples(
                 model, self.dataset.task_examples[0], indices, self.cfg.on_policy,
-                tok.eos_token_id, tok.pad_token_id, self.cfg.train.seed, step,
+                tok.eos_token_id, tok.pad_token_id, self.cfg.train.seed, step, self.static,
             )
         return sampled, done, seconds(t0)
 

@@ -22,7 +22,7 @@ from distill.data import chat
 from distill.data.rows import Example
 from distill.errors import DistillError
 from distill.loss.token_losses import IGNORE_INDEX
-from distill.training.rollout import Rollout, Sampling, rollout
+from distill.training.rollout import Rollout, Sampling, StaticDecode, rollout
 from distill.training.sharding import gathered
 
 
@@ -76,7 +76,7 @@ def check_prompts(examples: list[Example], max_new_tokens: int, max_length: int)
 class Sampler:
     """The model rollouts run on: the student itself (on_policy.sample_dtype float32), or a
     copy of its weights in the sample dtype (bf16; or float32 with `keep_copy`, for rollouts
-    that run while the student trains), made once and refreshed from the student before
+    that run while the student trains or through a compiled step), made once and refreshed from the student before
     each rollout. Only parameters are cast: buffers (rotary frequencies) stay as the student
     has them."""
 
@@ -109,10 +109,19 @@ def sampled_turn(messages):
 
 
 def sample_examples(
-    model, examples: list[Example], indices: list[int], cfg: OnPolicyConfig, eos_id: int, pad_id: int, seed: int, step: int
+    model,
+    examples: list[Example],
+    indices: list[int],
+    cfg: OnPolicyConfig,
+    eos_id: int,
+    pad_id: int,
+    seed: int,
+    step: int,
+    static: StaticDecode | None = None,
 ) -> tuple[list[Example], Rollout]:
     """The examples at `indices` with their completions replaced by student samples
-    (labels: IGNORE_INDEX on the prompt, the sampled ids after it)."""
+    (labels: IGNORE_INDEX on the prompt, the sampled ids after it; `static`: how the
+    rollouts decode with on_policy.compile_decode)."""
     prompts = [examples[i].input_ids[: prompt_length(examples[i])] for i in indices]
     seeds = [example_seed(seed, step, i) for i in indices]
     size = cfg.rollout_batch_size or max(len(prompts), 1)
@@ -121,7 +130,7 @@ def sample_examples(
     try:
         with gathered(model):  # a sharded student: whole in each process while it samples
             parts = [
-                rollout(model, prompts[j : j + size], sampling_of(cfg), eos_id, pad_id, seeds[j : j + size])
+                rollout(model, prompts[j : j + size], sampling_of(cfg), eos_id, pad_id, seeds[j : j + size], static=static)
                 for j in range(0, len(prompts), size)
             ]
     finally:

@@ -11,6 +11,13 @@ Left padding keeps every row's last prompt token in the last column, so one deco
 appends to all rows at once; positions count real tokens only (attention_mask.cumsum - 1),
 so a padded row computes exactly what it would alone.
 
+With a `StaticDecode`, the cache is a transformers StaticCache of a fixed number of slots
+and the attention mask is that wide from the start (zeros where nothing is written yet),
+so every decode step has the same shapes and the step can be compiled once per size
+(torch.compile, dynamic=False) and reused: no per-step tensor growth, no Python overhead
+of the model's forward. The numbers equal the dynamic cache's within
+float rounding only (attention then sums over the cache's full width).
+
 Sampling is reproducible: each row draws its uniforms from its own generator, seeded by
 the caller (the training loop seeds it by run seed, step and example index), so a row's
 sample does not depend on which rows share its batch.
@@ -25,7 +32,8 @@ import inspect
 from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache
+import torch.nn.functional as F
+from transformers import DynamicCache, StaticCache
 
 from distill.models.last_position import last_position
 
@@ -39,6 +47,21 @@ class Sampling:
     top_k: int = 0  # 0: no top-k filter
     top_p: float = 1.0  # 1: no nucleus filter
     min_new_tokens: int = 0  # EOS is not sampled before this many tokens
+
+
+@dataclass(frozen=True)
+class StaticDecode:
+    """Decode into a static KV cache as long as the padded prompts plus max_new_tokens,
+    rounded up to a multiple of `bucket` (a few sizes, so a few compiles: every slot costs
+    attention at every step, so the cache is kept tight), with the decode step compiled by
+    torch.compile when `compiled` (and the model has no sliding-window layers:
+    `has_sliding_layers`)."""
+
+    bucket: int = 64
+    compiled: bool = True
+
+    def length(self, prompt_width: int, max_new_tokens: int) -> int:
+        return -(-(prompt_width + max_new_tokens) // self.bucket) * self.bucket
 
 
 @dataclass
@@ -91,8 +114,8 @@ def prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache)
     """Run the prompts through the model, filling `cache`. Returns next-token logits (B, V)."""
     out = model(
         input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=positions(attention_mask),
+        attention_mask=attention_mask,  # a static cache's is wider than the prompts: zeros after them
+        position_ids=positions(attention_mask)[:, : input_ids.shape[1]],
         use_cache=True,
         logits_to_keep=last_position(input_ids),  # not the int 1: see distill.models.last_position
         **{cache_keyword(model): cache},
@@ -101,8 +124,9 @@ def prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache)
 
 
 def decode_step(model, tokens: torch.Tensor, attention_mask: torch.Tensor, cache) -> torch.Tensor:
-    """Append one token per row (tokens: (B,); attention_mask: (B, T) including it) and
-    return the next-token logits (B, V)."""
+    """Append one token per row (tokens: (B,); attention_mask: (B, T) including it; with a
+    static cache, T is its length, zeros where nothing is written yet) and return the
+    next-token logits (B, V)."""
     out = model(
         input_ids=tokens[:, None],
         attention_mask=attention_mask,
@@ -111,6 +135,25 @@ def decode_step(model, tokens: torch.Tensor, attention_mask: torch.Tensor, cache
         **{cache_keyword(model): cache},
     )
     return out.logits[:, -1]
+
+
+_compiled_decode_step = None
+
+
+def compiled_decode_step():
+    """`decode_step` compiled for fixed shapes (one compile per model, batch and cache
+    length, made at its first call)."""
+    global _compiled_decode_step
+    if _compiled_decode_step is None:
+        _compiled_decode_step = torch.compile(decode_step, dynamic=False)
+    return _compiled_decode_step
+
+
+def has_sliding_layers(cache) -> bool:
+    """Whether a static cache has sliding-window layers (gemma3's local attention): their
+    mask offsets are Python ints that change every step, so a compiled step would be
+    compiled again at every step; such models decode uncompiled."""
+    return any(getattr(layer, "is_sliding", False) for layer in cache.layers)
 
 
 def full_forward_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -157,6 +200,7 @@ def rollout(
     pad_id: int,
     seeds: list[int] | None = None,
     use_cache: bool = True,
+    static: StaticDecode | None = None,
 ) -> Rollout:
     """Sample a completion for each prompt (token ids) from `model`.
 
@@ -164,13 +208,23 @@ def rollout(
         seeds: one per prompt (required unless greedy): row i's draws come from its own
             generator, so its sample depends on its seed, prompt and the weights only.
         use_cache: False recomputes the whole sequence at each step (the slow reference).
+        static: decode into a static cache (and a compiled step): see `StaticDecode`.
     """
     if sampling.temperature > 0 and (seeds is None or len(seeds) != len(prompts)):
         raise ValueError("sampling at temperature > 0 needs one seed per prompt")
     device = next(model.parameters()).device
     ids, mask = left_pad(prompts, pad_id, device)
     generators = row_generators(seeds) if sampling.temperature > 0 else None
-    cache = DynamicCache(config=model.config) if use_cache else None
+    width, step_fn = ids.shape[1], decode_step
+    if static is None:
+        cache = DynamicCache(config=model.config) if use_cache else None
+    else:
+        if not use_cache:
+            raise ValueError("a static cache decodes with the cache: use_cache must be true")
+        length = static.length(width, sampling.max_new_tokens)
+        cache, mask = StaticCache(config=model.config, max_cache_len=length), F.pad(mask, (0, length - width))
+        if static.compiled and not has_sliding_layers(cache):
+            step_fn = compiled_decode_step()
     logits = prefill(model, ids, mask, cache) if use_cache else full_forward_logits(model, ids, mask)
     B = len(prompts)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
@@ -186,9 +240,12 @@ def rollout(
         finished = was_done | (token == eos_id)
         if step == sampling.max_new_tokens - 1 or bool(finished.all()):
             break
-        mask = torch.cat([mask, (~was_done).long()[:, None]], dim=1)  # EOS is attended, pads are not
+        if static is None:
+            mask = torch.cat([mask, (~was_done).long()[:, None]], dim=1)  # EOS is attended, pads are not
+        else:
+            mask[:, width + step] = (~was_done).long()
         if use_cache:
-            logits = decode_step(model, token, mask, cache)
+            logits = step_fn(model, token, mask, cache)
         else:
             ids = torch.cat([ids, token[:, None]], dim=1)
             logits = full_forward_logits(model, ids, mask)

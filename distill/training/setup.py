@@ -102,6 +102,8 @@ def make_accelerator(cfg: RunConfig) -> Accelerator:
         raise DistillError("on_policy.sample_dtype: bfloat16 is not built for train.sharding: fsdp; use float32 there")
     if wanted(cfg, acc) and cfg.on_policy.lmbda > 0 and cfg.on_policy.overlap:
         raise DistillError("on_policy.overlap: true is not built for train.sharding: fsdp (a gathered student per rollout); set it false")
+    if wanted(cfg, acc) and cfg.on_policy.lmbda > 0 and cfg.on_policy.compile_decode:
+        raise DistillError("on_policy.compile_decode: true is not built for train.sharding: fsdp (a gathered student per rollout); set it false")
     return acc
 
 

@@ -137,7 +137,7 @@ def test_accelerates_fsdp_plugin_stops_with_the_setting_to_use(tiny_tree, monkey
     assert not Path(tiny_tree["out_dir"]).exists()
 
 
-def test_bf16_sampling_and_overlap_with_fsdp_are_refused_before_anything_runs(tiny_tree, monkeypatch):
+def test_bf16_sampling_overlap_and_compiled_decode_with_fsdp_are_refused_before_anything_runs(tiny_tree, monkeypatch):
     from accelerate import Accelerator
 
     tiny_tree["train"]["sharding"] = "fsdp"
@@ -147,4 +147,7 @@ def test_bf16_sampling_and_overlap_with_fsdp_are_refused_before_anything_runs(ti
         setup_mod.make_accelerator(build_config(tiny_tree))
     tiny_tree["on_policy"] = {"lmbda": 1.0, "overlap": True}
     with pytest.raises(DistillError, match="on_policy.overlap: true is not built for train.sharding: fsdp"):
+        setup_mod.make_accelerator(build_config(tiny_tree))
+    tiny_tree["on_policy"] = {"lmbda": 1.0, "compile_decode": True}
+    with pytest.raises(DistillError, match="on_policy.compile_decode: true is not built for train.sharding: fsdp"):
         setup_mod.make_accelerator(build_config(tiny_tree))

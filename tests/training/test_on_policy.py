@@ -17,6 +17,7 @@ from distill.loss.token_losses import IGNORE_INDEX
 from distill.models.build import build_models
 from distill.training.loop import train
 from distill.training.on_policy import Sampler, is_on_policy_step, prompt_length, sample_examples
+from distill.training.rollout import StaticDecode
 
 from helpers import crash_at, read_metrics, student_weights
 
@@ -118,10 +119,11 @@ def test_prompt_tokens_get_no_loss(tiny_tree, fused):
     assert (grad[predicts_completion] > 0).all()
 
 
-@pytest.mark.parametrize("sample_dtype", ["float32", "bfloat16"])
-def test_on_policy_resume_equals_uninterrupted(tiny_tree, tmp_path, monkeypatch, sample_dtype):
-    """The bf16 sampling copy too: it is rebuilt from the restored weights on resume."""
-    tree = _on_policy(tiny_tree, temperature=1.0, sample_dtype=sample_dtype)
+@pytest.mark.parametrize("sample_dtype,compile_decode", [("float32", False), ("bfloat16", False), ("float32", True)])
+def test_on_policy_resume_equals_uninterrupted(tiny_tree, tmp_path, monkeypatch, sample_dtype, compile_decode):
+    """The bf16 sampling copy too: it is rebuilt from the restored weights on resume; and
+    the compiled static-cache decode."""
+    tree = _on_policy(tiny_tree, temperature=1.0, sample_dtype=sample_dtype, compile_decode=compile_decode)
     tree["on_policy"]["lmbda"] = 0.5
     tree["train"].update(steps=6, checkpoint_every=3)
     full, cut = copy.deepcopy(tree), copy.deepcopy(tree)
@@ -138,6 +140,29 @@ def test_on_policy_resume_equals_uninterrupted(tiny_tree, tmp_path, monkeypatch,
     wf, wc = student_weights(full["out_dir"]), student_weights(cut["out_dir"])
     for k in wf:
         torch.testing.assert_close(wc[k], wf[k], atol=1e-6, rtol=0)
+
+
+def test_compiled_decode_samples_what_the_dynamic_cache_samples(tiny_tree, tmp_path, monkeypatch):
+    """on_policy.compile_decode: the rollouts decode into a static cache and read a frozen
+    copy of the weights; the run equals the one without it within float
+    rounding (same samples, same losses)."""
+    statics, runs = [], {}
+    real = on_policy_mod.rollout
+
+    def recording(model, prompts, *args, static=None, **kwargs):
+        statics.append((static, any(p.requires_grad for p in model.parameters())))
+        return real(model, prompts, *args, static=static, **kwargs)
+
+    monkeypatch.setattr(on_policy_mod, "rollout", recording)
+    for compiled in (False, True):
+        tree = _on_policy(tiny_tree, temperature=1.0, compile_decode=compiled)
+        tree["out_dir"] = str(tmp_path / str(compiled))
+        train(build_config(tree), show_progress=False)
+        runs[compiled] = read_metrics(tree["out_dir"])
+    assert statics == [(None, True)] * 4 + [(StaticDecode(), False)] * 4
+    for x, y in zip(runs[False], runs[True], strict=True):
+        assert y["generated_tokens"] == x["generated_tokens"]
+        assert y["loss"] == pytest.approx(x["loss"], abs=1e-5, rel=0)
 
 
 def test_on_policy_config_errors(tiny_tree, tmp_path):

@@ -6,12 +6,13 @@ import warnings
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, DynamicCache, Gemma3TextConfig, LlamaConfig
+from transformers import AutoModelForCausalLM, DynamicCache, Gemma3TextConfig, LlamaConfig, Qwen2Config, StaticCache
 
 from distill.data.tasks.tokenizer import chain_tokenizer
 from distill.eval.evaluate import generate_greedy, generate_sampled
 from distill.training.rollout import (
     Sampling,
+    StaticDecode,
     cache_keyword,
     decode_step,
     full_forward_logits,
@@ -182,6 +183,74 @@ def test_decode_step_compiles(model):
         mask = torch.cat([mask, torch.ones(len(PROMPTS), 1, dtype=torch.long)], dim=1)
         step = torch.compile(decode_step, backend="aot_eager")
         torch.testing.assert_close(step(model, token, mask, compiled_cache), decode_step(model, token, mask, eager_cache))
+
+
+@pytest.fixture(scope="module")
+def qwen2():
+    torch.manual_seed(0)
+    cfg = Qwen2Config(
+        vocab_size=40, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=64, max_position_embeddings=128, pad_token_id=PAD, eos_token_id=EOS,
+    )
+    return AutoModelForCausalLM.from_config(cfg).double().eval()
+
+
+@pytest.mark.parametrize("family", ["model", "qwen2", "gemma3"])
+def test_static_cache_gives_the_dynamic_cache_logits(family, request):
+    """Prefill and decode into a StaticCache with a mask as wide as the cache (zeros where
+    nothing is written yet): each step's logits are the dynamic cache's, past gemma3's
+    sliding window of 4 too, and a sampled rollout writes the same completions."""
+    m = request.getfixturevalue(family)
+    ids, mask = left_pad(PROMPTS, PAD)
+    width, length = ids.shape[1], 24
+    dynamic, static = DynamicCache(config=m.config), StaticCache(config=m.config, max_cache_len=length)
+    wide = torch.nn.functional.pad(mask, (0, length - width))
+    with torch.no_grad():
+        logits = prefill(m, ids, mask, dynamic)
+        torch.testing.assert_close(prefill(m, ids, wide, static), logits)
+        for step in range(8):
+            token = logits.argmax(-1)
+            mask = torch.cat([mask, torch.ones_like(token)[:, None]], 1)
+            wide[:, width + step] = 1
+            logits = decode_step(m, token, mask, dynamic)
+            torch.testing.assert_close(decode_step(m, token, wide, static), logits)
+    sampling = Sampling(16, temperature=1.0, min_new_tokens=4)
+    assert rollout(m, PROMPTS, sampling, EOS, PAD, [7, 8, 9], static=StaticDecode(8, compiled=False)) == rollout(
+        m, PROMPTS, sampling, EOS, PAD, [7, 8, 9]
+    )
+
+
+def _compiled_frames() -> int:
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+
+def test_compiled_static_decode_compiles_once_and_samples_the_same(model, gemma3):
+    """The compiled decode step (inductor) is compiled at the first rollout and reused by
+    the next ones (fixed shapes), and samples what the eager static path samples. A model
+    with sliding-window layers decodes uncompiled: its mask's offsets change every step."""
+    torch._dynamo.reset()
+    sampling = Sampling(12, temperature=1.0, min_new_tokens=12)
+    static = StaticDecode(16)
+    first = rollout(model, PROMPTS, sampling, EOS, PAD, [1, 2, 3], static=static)
+    compiled = _compiled_frames()
+    assert compiled >= 1
+    again = rollout(model, PROMPTS, sampling, EOS, PAD, [4, 5, 6], static=static)
+    assert _compiled_frames() == compiled  # no recompile for new prompts and draws of the same shape
+    eager = StaticDecode(16, compiled=False)
+    assert first == rollout(model, PROMPTS, sampling, EOS, PAD, [1, 2, 3], static=eager)
+    assert again == rollout(model, PROMPTS, sampling, EOS, PAD, [4, 5, 6], static=eager)
+    rollout(gemma3, PROMPTS, sampling, EOS, PAD, [1, 2, 3], static=static)
+    assert _compiled_frames() == compiled
+
+
+def test_static_cache_is_the_rollout_rounded_up_to_the_bucket(model, monkeypatch):
+    lengths = []
+    real = StaticCache.__init__
+    monkeypatch.setattr(StaticCache, "__init__", lambda self, config, max_cache_len, **kw: lengths.append(max_cache_len)
+                        or real(self, config, max_cache_len, **kw))  # fmt: skip
+    for new, bucket in ((12, 16), (9, 16), (10, 16), (12, 64)):
+        rollout(model, PROMPTS, Sampling(new, temperature=0), EOS, PAD, static=StaticDecode(bucket, compiled=False))
+    assert lengths == [32, 16, 32, 64]  # the 7-token prompt + 12, 9, 10 new tokens
 
 
 def test_sampled_generations_do_not_depend_on_the_batch_size():
