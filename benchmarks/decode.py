@@ -106,6 +106,7 @@ def main() -> None:
     for dtype in args.dtypes:
         model = Sampler(dtype, keep_copy=True)(student)
         fused = fuse_projections(model)
+
         def run(m, static=None):
             return lambda: rollout(m, prompts, sampling, tok.eos_token_id, tok.pad_token_id, seeds, static=static)
 
