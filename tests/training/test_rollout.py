@@ -26,14 +26,20 @@ EOS, PAD = 1, 0
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [3, 4], [12, 13, 14, 15]]
 
 
+TINY = dict(
+    vocab_size=40, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    intermediate_size=64, max_position_embeddings=128, pad_token_id=PAD, eos_token_id=EOS,
+)  # fmt: skip
+
+
+def tiny_model(config_class):
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config_class(**TINY)).double().eval()  # float64: no near-ties in argmax
+
+
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=40, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        intermediate_size=64, max_position_embeddings=128, pad_token_id=PAD, eos_token_id=EOS,
-    )
-    return AutoModelForCausalLM.from_config(cfg).double().eval()  # float64: no near-ties in argmax
+    return tiny_model(LlamaConfig)
 
 
 def test_kv_cache_equals_no_cache_greedy(model):
@@ -187,12 +193,7 @@ def test_decode_step_compiles(model):
 
 @pytest.fixture(scope="module")
 def qwen2():
-    torch.manual_seed(0)
-    cfg = Qwen2Config(
-        vocab_size=40, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        intermediate_size=64, max_position_embeddings=128, pad_token_id=PAD, eos_token_id=EOS,
-    )
-    return AutoModelForCausalLM.from_config(cfg).double().eval()
+    return tiny_model(Qwen2Config)
 
 
 @pytest.mark.parametrize("family", ["model", "qwen2", "gemma3"])
