@@ -6,6 +6,8 @@ restores every state after the optimizer exists.
 """
 
 import math
+import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,7 +106,14 @@ def make_accelerator(cfg: RunConfig) -> Accelerator:
         raise DistillError("on_policy.overlap: true is not built for train.sharding: fsdp (a gathered student per rollout); set it false")
     if wanted(cfg, acc) and cfg.on_policy.lmbda > 0 and cfg.on_policy.compile_decode:
         raise DistillError("on_policy.compile_decode: true is not built for train.sharding: fsdp (a gathered student per rollout); set it false")
+    if cfg.on_policy.lmbda > 0 and cfg.on_policy.compile_decode and acc.device.type == "cpu" and not cpp_compiler():
+        raise DistillError("on_policy.compile_decode: torch.compile needs a C++ compiler on CPU (no $CXX, g++, clang++ or c++ found); install one or set it false")
     return acc
+
+
+def cpp_compiler() -> str | None:
+    """The C++ compiler torch.compile's CPU backend would build its kernels with, if any."""
+    return os.environ.get("CXX") or next(filter(None, map(shutil.which, ("g++", "clang++", "c++"))), None)
 
 
 def freeze_embeddings(model: torch.nn.Module) -> None:

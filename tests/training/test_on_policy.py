@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import distill.training.on_policy as on_policy_mod
+import distill.training.setup as setup_mod
 from distill.config import OnPolicyConfig, build_config
 from distill.data.build import build_examples
 from distill.data.rows import collate
@@ -163,6 +164,15 @@ def test_compiled_decode_samples_what_the_dynamic_cache_samples(tiny_tree, tmp_p
     for x, y in zip(runs[False], runs[True], strict=True):
         assert y["generated_tokens"] == x["generated_tokens"]
         assert y["loss"] == pytest.approx(x["loss"], abs=1e-5, rel=0)
+
+
+def test_compiled_decode_on_cpu_without_a_compiler_is_refused_before_anything_runs(tiny_tree, monkeypatch):
+    tiny_tree["on_policy"] = {"lmbda": 1.0, "compile_decode": True}
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setattr(setup_mod.shutil, "which", lambda name: None)
+    with pytest.raises(DistillError, match=r"torch.compile needs a C\+\+ compiler on CPU"):
+        train(build_config(tiny_tree), show_progress=False)
+    assert not Path(tiny_tree["out_dir"]).exists()
 
 
 def test_on_policy_config_errors(tiny_tree, tmp_path):

@@ -26,10 +26,10 @@ EOS, PAD = 1, 0
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [3, 4], [12, 13, 14, 15]]
 
 
-TINY = dict(
-    vocab_size=40, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-    intermediate_size=64, max_position_embeddings=128, pad_token_id=PAD, eos_token_id=EOS,
-)  # fmt: skip
+TINY = {
+    "vocab_size": 40, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+    "intermediate_size": 64, "max_position_embeddings": 128, "pad_token_id": PAD, "eos_token_id": EOS,
+}  # fmt: skip
 
 
 def tiny_model(config_class):
