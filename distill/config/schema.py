@@ -362,7 +362,8 @@ class OnPolicyConfig(Section):
     (attention sums over the cache's width), so a run with it is not bit-identical to one
     without; runs stay deterministic, resume exactly, and 2 processes equal 1 within float
     rounding, as with sample_dtype bfloat16. Models with sliding-window layers (gemma3)
-    use the static cache uncompiled (their mask changes shape every step). Not with train.sharding: fsdp."""
+    use the static cache uncompiled (their mask changes shape every step). On CPU it needs a
+    C++ compiler (torch.compile builds kernels). Not with train.sharding: fsdp."""
 
 
 class RationaleConfig(Section):
