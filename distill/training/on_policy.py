@@ -76,9 +76,9 @@ def check_prompts(examples: list[Example], max_new_tokens: int, max_length: int)
 class Sampler:
     """The model rollouts run on: the student itself (on_policy.sample_dtype float32), or a
     copy of its weights in the sample dtype (bf16; or float32 with `keep_copy`, for rollouts
-    that run while the student trains or through a compiled step), made once and refreshed from the student before
-    each rollout. Only parameters are cast: buffers (rotary frequencies) stay as the student
-    has them."""
+    that run while the student trains or through a compiled step), made once and refreshed
+    from the student before each rollout. Only parameters are cast: buffers (rotary
+    frequencies) stay as the student has them."""
 
     def __init__(self, dtype: str, keep_copy: bool = False):
         self.dtype, self.keep_copy, self.copy = dtype, keep_copy, None

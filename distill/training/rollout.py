@@ -15,8 +15,8 @@ With a `StaticDecode`, the cache is a transformers StaticCache of a fixed number
 and the attention mask is that wide from the start (zeros where nothing is written yet),
 so every decode step has the same shapes and the step can be compiled once per size
 (torch.compile, dynamic=False) and reused: no per-step tensor growth, no Python overhead
-of the model's forward. The numbers equal the dynamic cache's within
-float rounding only (attention then sums over the cache's full width).
+of the model's forward. The numbers equal the dynamic cache's within float rounding only
+(attention then sums over the cache's full width).
 
 Sampling is reproducible: each row draws its uniforms from its own generator, seeded by
 the caller (the training loop seeds it by run seed, step and example index), so a row's
