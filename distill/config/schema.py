@@ -354,7 +354,7 @@ class OnPolicyConfig(Section):
     """Decode rollouts into a static KV cache (the padded prompts plus max_new_tokens,
     rounded up to a multiple of 64 slots) with the decode step compiled by torch.compile:
     fixed shapes, so one compile per cache size and rollout batch size, made at the first
-    rollout that needs it (about 16 s on 2 CPU cores for SmolLM2's student). Rollouts then
+    rollout that needs it (16 to 26 s on 2 CPU cores for SmolLM2's student). Rollouts then
     read a frozen copy of the weights (sample_dtype's: with float32 one more float32
     student in memory). Pays where the decode step's per-call overhead is a large share of
     it; on CPU the step is bound by its matmuls and it gains little (docs/results.md
