@@ -28,6 +28,7 @@ FutureWarning, until 5.40), 4.x only `past_key_values`, and a model silently dro
 it does not know into **kwargs (it then decodes each new token with no past at all).
 """
 
+import functools
 import inspect
 from dataclasses import dataclass
 
@@ -137,16 +138,11 @@ def decode_step(model, tokens: torch.Tensor, attention_mask: torch.Tensor, cache
     return out.logits[:, -1]
 
 
-_compiled_decode_step = None
-
-
+@functools.cache
 def compiled_decode_step():
     """`decode_step` compiled for fixed shapes (one compile per model, batch and cache
     length, made at its first call)."""
-    global _compiled_decode_step
-    if _compiled_decode_step is None:
-        _compiled_decode_step = torch.compile(decode_step, dynamic=False)
-    return _compiled_decode_step
+    return torch.compile(decode_step, dynamic=False)
 
 
 def has_sliding_layers(cache) -> bool:
