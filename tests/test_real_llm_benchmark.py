@@ -93,3 +93,27 @@ def test_table_pairs_seeds_against_the_baseline(capsys):
     recipe = next(line for line in out.splitlines() if line.startswith("| depth:recipe"))
     # differences -0.5, -0.4, -0.5: mean -0.467, sd 0.0577, t(2) 4.303 -> half width 0.143
     assert "1.633 ± 0.153" in recipe and "-0.467 [-0.610, -0.323] (n=3)" in recipe
+
+
+def test_teacher_importance_is_measured_once_and_read_back_exactly(tmp_path, monkeypatch):
+    from distill.models import pruning
+    from distill.models.importance import Importance
+
+    g = torch.Generator().manual_seed(0)
+    measured = Importance(tokens=123, predicted=120, loss=2.25, skip_loss=torch.rand(3, dtype=torch.float64, generator=g),
+                          block_influence=torch.rand(3, generator=g), heads=torch.rand(3, 4, generator=g),
+                          neurons=torch.rand(3, 8, generator=g), hidden=torch.rand(3, 5, generator=g),
+                          hidden_final=torch.rand(5, generator=g))  # fmt: skip
+    calls = []
+    monkeypatch.setattr(pruning, "measure_teacher", lambda *a: calls.append(a) or measured)
+    calibration = tmp_path / "train.jsonl"
+    calibration.write_text('{"text": "a"}\n')
+    real_llm.teacher_importance.cache_clear()
+    assert real_llm.teacher_importance(calibration) is measured
+    real_llm.teacher_importance.cache_clear()
+    again = real_llm.teacher_importance(calibration)
+    real_llm.teacher_importance.cache_clear()
+    assert len(calls) == 1 and (tmp_path / "importance.safetensors").exists()
+    assert (again.tokens, again.predicted, again.loss) == (123, 120, 2.25) and isinstance(again.tokens, int)
+    for name in ("skip_loss", "block_influence", "heads", "neurons", "hidden", "hidden_final"):
+        assert torch.equal(getattr(again, name), getattr(measured, name)), name
