@@ -15,8 +15,11 @@ Inits (made once in WORK/inits/, the same for every seed):
     random       10 layers at the teacher's width, random weights
     uniform      10 teacher layers spread evenly (`distill student --layers 10`)
     depth        the 10 most important teacher layers (`--prune --layers 10`)
-    width        all 30 layers, hidden and MLP cut by importance to 64M (`--prune --params 64M`)
-    depth_width  16 important layers, widths cut to 64M (`--prune --layers 16 --params 64M`)
+    width        all 30 layers, 6 of 9 heads in 2 of 3 KV groups, hidden 576 -> 384 and MLP
+                 1536 -> 1024 by importance, 66.1M (`--prune --heads 6 --kv-heads 2 --params 67M`;
+                 llama's config wants the hidden size a multiple of the heads: with 9, only 576)
+    depth_width  the 24 most important layers, 6 heads in 3 KV groups, hidden 384, MLP 1344:
+                 66.7M (`--prune --layers 24 --heads 6 --kv-heads 3 --hidden-size 384 --params 67M`)
     depthN_mlpM  the N most important layers, each layer's MLP cut to its M most important
                  neurons (`--prune --layers N --intermediate-size M`): 12/1152, 14/1024,
                  16/768, 20/512, all 62.8M to 65.5M parameters
@@ -51,8 +54,8 @@ INITS = {
     "random": {"layers": 10, "hidden_size": 576},
     "uniform": {"layers": 10},
     "depth": {"prune": True, "layers": 10},
-    "width": {"prune": True, "params": "64M"},
-    "depth_width": {"prune": True, "layers": 16, "params": "64M"},
+    "width": {"prune": True, "heads": 6, "kv_heads": 2, "params": "67M"},
+    "depth_width": {"prune": True, "layers": 24, "heads": 6, "kv_heads": 3, "hidden_size": 384, "params": "67M"},
     "depth12_mlp1152": {"prune": True, "layers": 12, "intermediate_size": 1152},
     "depth14_mlp1024": {"prune": True, "layers": 14, "intermediate_size": 1024},
     "depth16_mlp768": {"prune": True, "layers": 16, "intermediate_size": 768},

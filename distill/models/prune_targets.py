@@ -2,7 +2,10 @@
 
 The head size (head_dim) is always the teacher's: heads are cut whole. llama, qwen2 and
 gemma3_text read `head_dim` from the config, so the hidden size need not equal heads x
-head_dim; the student's config states head_dim explicitly.
+head_dim; the student's config states head_dim explicitly. transformers' llama and gemma3
+configs still refuse a hidden size that is not a multiple of the number of query heads (5.24
+on): a shape the config refuses is a one-line error, and `--params` skips it. SmolLM2's 9
+heads leave it no smaller hidden size than its own 576 (lcm of 9 and 64); 6 heads allow 384.
 
 `--params N` rule: depth is the teacher's (or `--layers`), heads are the teacher's (or
 `--heads` / `--kv-heads`), and the hidden and MLP sizes not given shrink by one common factor,
@@ -92,6 +95,16 @@ def _heads(t: Dims, heads: int | None, kv_heads: int | None) -> tuple[int, int]:
     return heads, kv_heads
 
 
+def refused(config, dims: Dims) -> str | None:
+    """Why transformers' config class refuses a student of this shape, or None."""
+    try:
+        text = pruned_config(config, list(range(dims.layers)), dims).get_text_config()
+        getattr(text, "validate", lambda: None)()
+    except Exception as e:  # noqa: BLE001 (ValueError, or huggingface_hub's StrictDataclassError: neither subclasses the other)
+        return str(e).strip().splitlines()[-1].strip()
+    return None
+
+
 def check_dims(config, layers, hidden_size, intermediate_size, heads, kv_heads) -> Dims:
     """The student's shape from the options given (None: the teacher's), checked."""
     t, text = teacher_dims(config), config.get_text_config()
@@ -140,7 +153,7 @@ def fit_params(config, dims: Dims, target: int, hidden_given: bool, intermediate
     if target >= teacher_count:
         raise DistillError(f"--params {target:,}: the teacher has {teacher_count:,}; ask for fewer")
     free = t.intermediate_size if hidden_given else t.hidden_size  # the size the steps walk down
-    smallest = None
+    smallest, skipped = None, 0
     for k in range(max(1, free // unit), 0, -1):
         scale = k * unit / free  # 1 on the first step when the size is a multiple of the unit
         hidden = dims.hidden_size if hidden_given else k * unit
@@ -148,16 +161,26 @@ def fit_params(config, dims: Dims, target: int, hidden_given: bool, intermediate
         if not intermediate_given and scale < 1:
             inter = _round_down(t.intermediate_size * scale, unit)
         candidate = Dims(dims.layers, hidden, inter, dims.heads, dims.kv_heads)
+        if refused(config, candidate):
+            skipped += 1  # e.g. a llama hidden size that is not a multiple of its heads
+            continue
         smallest = count_for(config, candidate)
         if smallest <= target:
             return candidate
-    raise DistillError(f"--params {target:,}: the smallest student of this shape has {smallest:,} parameters")
+    hint = (f"; {config.model_type}'s config refuses {skipped} smaller hidden sizes with {dims.heads} attention heads "
+            "(cut heads with --heads, or give --intermediate-size)") if skipped else ""  # fmt: skip
+    raise DistillError(f"--params {target:,}: the smallest student of this shape has {smallest:,} parameters{hint}")
 
 
 def target_dims(config, layers, hidden_size, intermediate_size, heads, kv_heads, params: str | int | None) -> Dims:
     """The student's shape for `--prune`: the family checked, the options checked, `--params` fitted."""
     check_family(config)
     dims = check_dims(config, layers, hidden_size, intermediate_size, heads, kv_heads)
+    why = refused(config, dims) if params is None or hidden_size is not None else None  # else --params picks the hidden size
+    if why:
+        raise DistillError(
+            f"hidden size {dims.hidden_size} with {dims.heads} attention heads: {config.model_type}'s config refuses it ({why})"
+        )
     if params is None:
         return dims
     return fit_params(config, dims, parse_params(str(params)), hidden_size is not None, intermediate_size is not None)

@@ -267,6 +267,22 @@ def test_params_target_picks_the_largest_student_that_fits(teachers, tmp_path):
     assert count_for(teacher.config, bigger) > target
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+def test_params_target_skips_hidden_sizes_the_config_refuses(teachers, tmp_path, family):
+    """transformers' llama and gemma3 configs want the hidden size a multiple of the query
+    heads: with 6 heads, 64 and 56 are refused, so the fit walks on to 48, which reloads."""
+    teacher = load_causal_lm(str(teachers[family]))
+    target = count_parameters(teacher) - 1
+    record = make_pruned_student(str(teachers[family]), tmp_path / "s", params=target, heads=6, calibration_rows=4)
+    dims = Dims(**record["dims"])
+    assert (dims.heads, dims.hidden_size) == (6, 48) and record["params"] <= target
+    student = AutoModelForCausalLM.from_pretrained(tmp_path / "s")
+    assert student.config.hidden_size == 48 and student.config.num_attention_heads == 6
+    with pytest.raises(DistillError, match="refuses 6 smaller hidden sizes with 6 attention heads"):
+        make_pruned_student(str(teachers[family]), tmp_path / "t", params="1k", heads=6, calibration_rows=4)
+    assert not (tmp_path / "t").exists()
+
+
 def test_gemma3_hidden_prune_keeps_the_residual_stream_and_the_head(teachers, tmp_path):
     record = make_pruned_student(str(teachers["gemma3_text"]), tmp_path / "s", hidden_size=48, calibration_rows=4)
     assert record["gemma3_embedding_rescale"] == pytest.approx(math.sqrt(64 / 48))
@@ -297,6 +313,7 @@ def _error(call) -> str:
         ({"hidden_size": 60}, "--hidden-size 60 is not a multiple of 8"),
         ({"heads": 6, "kv_heads": 4}, "--kv-heads 4: the teacher has 2"),
         ({"heads": 5}, "5 attention heads are not a multiple of 2 key-value heads"),
+        ({"hidden_size": 40, "heads": 6}, "hidden size 40 with 6 attention heads: llama's config refuses it"),
         ({"heads": 8, "kv_heads": 1}, "8 heads over 1 key-value heads is 8 per group; the teacher's groups hold 4"),
         ({"layers": 5}, "--layers 5: the teacher has 4"),
         ({"intermediate_size": 0}, "--intermediate-size 0: the teacher has 96"),
