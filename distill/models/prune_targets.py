@@ -169,6 +169,8 @@ def fit_params(config, dims: Dims, target: int, hidden_given: bool, intermediate
             return candidate
     hint = (f"; {config.model_type}'s config refuses {skipped} smaller hidden sizes with {dims.heads} attention heads "
             "(cut heads with --heads, or give --intermediate-size)") if skipped else ""  # fmt: skip
+    if smallest is None:
+        raise DistillError(f"--params {target:,}: {config.model_type}'s config refuses every hidden size with {dims.heads} attention heads")
     raise DistillError(f"--params {target:,}: the smallest student of this shape has {smallest:,} parameters{hint}")
 
 

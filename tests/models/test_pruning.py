@@ -417,3 +417,14 @@ def test_prune_the_packaged_smollm2_then_train_a_step(tmp_path):
     loss.backward()
     optimizer.step()
     assert not torch.equal(before, student.model.layers[0].mlp.up_proj.weight)
+
+
+def test_params_target_when_the_config_refuses_every_hidden_size_is_one_line():
+    from transformers import LlamaConfig
+
+    from distill.models.prune_targets import fit_params
+
+    config = LlamaConfig(hidden_size=48, num_attention_heads=8, num_key_value_heads=1, head_dim=8,
+                         intermediate_size=96, num_hidden_layers=2, vocab_size=50)  # fmt: skip
+    message = _error(lambda: fit_params(config, Dims(2, 48, 96, 7, 1), 20_000, False, False))
+    assert message == "--params 20,000: llama's config refuses every hidden size with 7 attention heads"
